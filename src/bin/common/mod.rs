@@ -1,0 +1,29 @@
+//! What both binaries do around their work: set up logging, report errors, pick an exit code.
+
+use std::process::ExitCode;
+
+/// The flags that say where the server queue is, shared by both binaries.
+#[derive(clap::Args, Debug)]
+pub struct BrokerArgs {
+    /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS).
+    #[arg(long, env = "AMQP_URL", default_value = amqp_rpc::DEFAULT_URL)]
+    pub url: String,
+
+    /// The server queue.
+    #[arg(long, env = "RPC_QUEUE", default_value = amqp_rpc::DEFAULT_QUEUE)]
+    pub queue: String,
+}
+
+/// Sets up `env_logger` (`RUST_LOG`, else `default_level`), runs `run`, and reports its error as
+/// `error: message: cause...` on stderr with a failing exit code.
+pub fn main_with(default_level: &str, run: impl FnOnce() -> amqp_rpc::Result<()>) -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error.chain());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! `server`: answers Fibonacci requests on a RabbitMQ queue, as the tutorial's `rpc_server.py`.
+
+mod common;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use amqp_rpc::{Server, ServerOptions, fib, server};
+use clap::Parser;
+use log::debug;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// Answers Fibonacci requests (n in decimal, fib(n) in decimal back) on a RabbitMQ queue.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    broker: common::BrokerArgs,
+
+    /// Worker threads, each with its own channel [default: CPU cores, at least 2].
+    #[arg(long, env = "RPC_WORKERS")]
+    workers: Option<usize>,
+
+    /// Largest n answered; larger requests get an error reply.
+    #[arg(long, env = "RPC_MAX_N", default_value_t = fib::DEFAULT_MAX_N)]
+    max_n: u64,
+
+    /// AMQP heartbeat in seconds (0 turns it off): a dead broker is noticed after about two.
+    #[arg(long, default_value_t = 10)]
+    heartbeat: u16,
+}
+
+fn main() -> ExitCode {
+    common::main_with("info", || run(Args::parse()))
+}
+
+fn run(args: Args) -> amqp_rpc::Result<()> {
+    let mut options = ServerOptions {
+        queue: args.broker.queue,
+        workers: args.workers.unwrap_or_else(server::default_workers),
+        ..ServerOptions::default()
+    };
+    options.connect.heartbeat = args.heartbeat;
+    let max_n = args.max_n;
+    let server = Server::start(&args.broker.url, options, move |request: &[u8]| {
+        debug!(" [.] fib({})", String::from_utf8_lossy(request).trim());
+        fib::handle_request(request, max_n)
+    })?;
+    println!(" [x] Awaiting RPC requests");
+
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| amqp_rpc::Error::Config(format!("cannot install signal handlers: {e}")))?;
+    let shutdown = server.shutdown_handle();
+    std::thread::spawn(move || {
+        let mut received = signals.forever();
+        if received.next().is_some() {
+            shutdown.shutdown();
+        }
+        if let Some(signal) = received.next() {
+            eprintln!("second signal: exiting without waiting for in-flight requests");
+            std::process::exit(128 + signal);
+        }
+    });
+    let outcome = server.wait();
+    // Let the logger flush what the shutdown wrote before the process ends.
+    std::thread::sleep(Duration::from_millis(10));
+    outcome
+}

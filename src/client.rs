@@ -1,0 +1,334 @@
+//! The RPC client: publish a request, then wait on the reply consumer for the matching answer.
+//!
+//! Each [`Client`] owns one connection, one channel and one exclusive, server-named reply queue
+//! that it consumes without acks, as the tutorial's client does. A call publishes the request to
+//! the server queue with `reply_to` set to that reply queue and a fresh uuid as
+//! `correlation_id`, then loops over the consumer's messages, dropping every reply whose
+//! `correlation_id` is not the call's own (a late answer to an earlier call that timed out, say).
+//!
+//! The request is published `mandatory`, so a request that no queue can take comes back at once
+//! as [`Error::NoRoute`]; it also carries an `expiration` equal to the call's timeout, so the
+//! broker drops it rather than have a server compute it for a caller who has given up.
+//!
+//! A `Client` is used from the thread that made it (its amiquip channel and consumer are not
+//! `Send`). For many threads, give each its own `Client`: each costs one connection to the broker.
+
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions,
+    Delivery, Publish, QueueDeclareOptions, Return,
+};
+use crossbeam_channel::{Receiver, select};
+use log::{debug, trace, warn};
+use num_bigint::BigUint;
+use uuid::Uuid;
+
+use crate::connect::{self, ConnectOptions};
+use crate::error::{Error, Result};
+
+/// The server queue the tutorial uses.
+pub const DEFAULT_QUEUE: &str = "rpc_queue";
+
+/// The reply header in which a server puts an error message instead of a result.
+pub const ERROR_HEADER: &str = "error";
+
+/// How a [`Client`] connects and calls.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The queue the server consumes, used as the routing key on the default exchange.
+    /// Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
+    pub queue: String,
+    /// How long [`Client::call`] waits for a reply before it returns [`Error::Timeout`].
+    /// Default: 10 s.
+    pub timeout: Duration,
+    /// TCP and AMQP connection settings.
+    pub connect: ConnectOptions,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            queue: DEFAULT_QUEUE.to_string(),
+            timeout: Duration::from_secs(10),
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+self_cell::self_cell!(
+    /// A channel together with the reply consumer that borrows it.
+    struct ReplyChannel {
+        owner: Channel,
+        #[covariant]
+        dependent: Consumer,
+    }
+);
+
+/// A blocking RPC client. See the [module documentation](self) for how a call works.
+pub struct Client {
+    url: String,
+    options: ClientOptions,
+    session: Option<Session>,
+}
+
+/// One connection's worth of client state; replaced as a whole when the connection is lost.
+struct Session {
+    /// Dropped before `connection`, so the channel closes on a live connection.
+    reply_channel: ReplyChannel,
+    /// A clone of the consumer's receiver, kept for [`Session::close`] to drain.
+    replies: Receiver<ConsumerMessage>,
+    returns: Receiver<Return>,
+    reply_to: String,
+    connection: Option<Connection>,
+}
+
+impl Client {
+    /// Connects to the broker at `url` with default [`ClientOptions`].
+    ///
+    /// # Errors
+    ///
+    /// See [`Client::with_options`].
+    pub fn connect(url: &str) -> Result<Client> {
+        Client::with_options(url, ClientOptions::default())
+    }
+
+    /// Connects to the broker at `url` and sets up the reply queue.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a bad URL or refused credentials, [`Error::Connect`] when the
+    /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
+    pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
+        let session = Session::open(url, &options.connect)?;
+        Ok(Client {
+            url: url.to_string(),
+            options,
+            session: Some(session),
+        })
+    }
+
+    /// The options this client was made with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// Sends `request` to the server queue and returns the reply body, waiting at most the
+    /// client's default timeout.
+    ///
+    /// # Errors
+    ///
+    /// See [`Client::call_with_timeout`].
+    pub fn call(&mut self, request: &[u8]) -> Result<Vec<u8>> {
+        self.call_with_timeout(request, self.options.timeout)
+    }
+
+    /// Sends `request` to the server queue and returns the reply body, waiting at most
+    /// `timeout`.
+    ///
+    /// When an earlier call lost the connection, this one first connects again.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Timeout`]: no reply within `timeout`;
+    /// - [`Error::NoRoute`]: no queue is bound to the server queue's name;
+    /// - [`Error::Remote`]: the server replied with an error message;
+    /// - [`Error::ConnectionLost`]: the connection died while the call waited;
+    /// - the errors of [`Client::with_options`] when reconnecting fails.
+    pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        let session = match &mut self.session {
+            Some(session) => session,
+            empty => {
+                debug!("reconnecting to {} after a lost connection", self.url);
+                empty.insert(Session::open(&self.url, &self.options.connect)?)
+            }
+        };
+        let outcome = session.call(&self.options.queue, request, timeout);
+        if matches!(outcome, Err(Error::ConnectionLost(_))) {
+            self.session = None;
+        }
+        outcome
+    }
+
+    /// Asks the server for fib(`n`), with the tutorial's wire format: `n` in decimal out, the
+    /// result in decimal back.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Client::call`], and [`Error::InvalidReply`] when the reply is not a decimal
+    /// number.
+    pub fn fib(&mut self, n: u64) -> Result<BigUint> {
+        let reply = self.call(n.to_string().as_bytes())?;
+        BigUint::parse_bytes(&reply, 10).ok_or_else(|| {
+            Error::InvalidReply(format!(
+                "expected a decimal number, got {:?}",
+                String::from_utf8_lossy(&reply[..reply.len().min(40)])
+            ))
+        })
+    }
+
+    /// Cancels the reply consumer and closes the connection, reporting any error. Dropping a
+    /// `Client` does the same quietly.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the close.
+    pub fn close(mut self) -> Result<()> {
+        match self.session.take() {
+            Some(mut session) => session.close(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Session {
+    fn open(url: &str, options: &ConnectOptions) -> Result<Session> {
+        let mut connection = connect::open(url, options)?;
+        let channel = connection.open_channel(None)?;
+        let returns = channel.listen_for_returns()?;
+        let reply_queue = channel.queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+        )?;
+        let reply_to = reply_queue.name().to_string();
+        let reply_channel = ReplyChannel::try_new(channel, |channel| {
+            channel.basic_consume(
+                reply_to.clone(),
+                ConsumerOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..ConsumerOptions::default()
+                },
+            )
+        })?;
+        let replies = reply_channel.borrow_dependent().receiver().clone();
+        debug!("client ready, replies to {reply_to}");
+        Ok(Session {
+            reply_channel,
+            replies,
+            returns,
+            reply_to,
+            connection: Some(connection),
+        })
+    }
+
+    fn call(&mut self, queue: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let correlation_id = Uuid::new_v4().to_string();
+        let properties = AmqpProperties::default()
+            .with_reply_to(self.reply_to.clone())
+            .with_correlation_id(correlation_id.clone())
+            // "0" would expire the request at once; RabbitMQ counts in whole milliseconds.
+            .with_expiration(timeout.as_millis().max(1).to_string());
+        self.reply_channel.borrow_owner().basic_publish(
+            "",
+            Publish {
+                body: request,
+                routing_key: queue.to_string(),
+                mandatory: true,
+                immediate: false,
+                properties,
+            },
+        )?;
+        trace!("published request {correlation_id} to {queue}");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.replies) -> message => match message {
+                    Ok(ConsumerMessage::Delivery(delivery)) => {
+                        if delivery.properties.correlation_id().as_deref()
+                            == Some(correlation_id.as_str())
+                        {
+                            trace!("reply to {correlation_id} arrived");
+                            return reply_outcome(delivery);
+                        }
+                        debug!(
+                            "dropping a reply that is not ours: correlation id {:?}",
+                            delivery.properties.correlation_id()
+                        );
+                    }
+                    Ok(other) => return Err(consumer_ended(other)),
+                    Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
+                },
+                recv(self.returns) -> returned => match returned {
+                    Ok(returned)
+                        if returned.properties.correlation_id().as_deref()
+                            == Some(correlation_id.as_str()) =>
+                    {
+                        debug!("request {correlation_id} returned: {}", returned.reply_text);
+                        return Err(Error::NoRoute { queue: returned.routing_key });
+                    }
+                    Ok(returned) => debug!(
+                        "dropping a returned request that is not ours: correlation id {:?}",
+                        returned.properties.correlation_id()
+                    ),
+                    Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
+                },
+                default(remaining) => return Err(Error::Timeout(timeout)),
+            }
+        }
+    }
+
+    /// Cancels the consumer, reads its receiver until the broker confirms the cancel (see
+    /// `shared/amiquip-notes.md`: dropping a consumer before that can kill the connection), then
+    /// closes the connection.
+    fn close(&mut self) -> Result<()> {
+        let Some(connection) = self.connection.take() else {
+            return Ok(());
+        };
+        let cancelled = self.reply_channel.borrow_dependent().cancel();
+        if cancelled.is_ok() {
+            let give_up = Instant::now() + Duration::from_secs(2);
+            while let Ok(message) = self.replies.recv_deadline(give_up) {
+                if !matches!(message, ConsumerMessage::Delivery(_)) {
+                    break;
+                }
+            }
+        }
+        let closed = connection.close();
+        cancelled.and(closed).map_err(Error::from)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            debug!("closing the client quietly: {error}");
+        }
+    }
+}
+
+/// Turns the matching reply into the call's result: its body, or the server's error message.
+fn reply_outcome(delivery: Delivery) -> Result<Vec<u8>> {
+    let error = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.get(ERROR_HEADER));
+    match error {
+        None => Ok(delivery.body),
+        Some(AmqpValue::LongString(message)) => Err(Error::Remote(message.clone())),
+        Some(other) => {
+            warn!("the server's error header is not a string: {other:?}");
+            Err(Error::Remote(format!("{other:?}")))
+        }
+    }
+}
+
+/// Explains why the reply consumer stopped delivering.
+fn consumer_ended(message: ConsumerMessage) -> Error {
+    match message {
+        ConsumerMessage::ServerClosedConnection(error)
+        | ConsumerMessage::ServerClosedChannel(error) => Error::lost(error),
+        ConsumerMessage::ClientClosedConnection => {
+            Error::lost(amiquip::Error::ClientClosedConnection)
+        }
+        ConsumerMessage::ClientClosedChannel
+        | ConsumerMessage::ClientCancelled
+        | ConsumerMessage::ServerCancelled
+        | ConsumerMessage::Delivery(_) => Error::lost(amiquip::Error::ClientClosedChannel),
+    }
+}

@@ -1,0 +1,513 @@
+//! The RPC server: a pool of worker threads, each with its own channel, serving one queue.
+//!
+//! A supervisor thread owns the connection. It declares the server queue (as the tutorial does:
+//! not durable, not exclusive, not auto-deleted, so peers in other languages can declare it too),
+//! opens one channel per worker, and hands each worker its channel. A worker sets `qos(1)`,
+//! consumes the queue, and for each request calls the [`Handler`], publishes the reply to the
+//! request's `reply_to` with its `correlation_id`, and only then acks the request. A request
+//! whose worker dies before the ack is redelivered by the broker to another worker.
+//!
+//! A handler's error (or panic) becomes an error reply: the message travels in the
+//! [`ERROR_HEADER`] header and as the body, the request is acked,
+//! and the worker goes on serving.
+//!
+//! When the connection is lost, the supervisor stops the workers, reconnects with exponential
+//! backoff (bounded by [`ServerOptions::max_reconnect_delay`]), re-declares the queue and starts
+//! fresh workers; it gives up only on errors that retrying cannot fix. [`Server::shutdown`] (or
+//! a [`ShutdownHandle`]) stops taking requests, lets the in-flight ones finish, reply and ack,
+//! and closes the connection.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
+    FieldTable, Publish, QueueDeclareOptions,
+};
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use log::{debug, info, trace, warn};
+
+use crate::client::{DEFAULT_QUEUE, ERROR_HEADER};
+use crate::connect::{self, ConnectOptions};
+use crate::error::{Error, Result};
+
+/// Computes a reply from a request body. An `Err` is sent back to the caller as an error reply.
+///
+/// Any `Fn(&[u8]) -> Result<Vec<u8>, String>` that can be shared across threads is a handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    ///
+    /// # Errors
+    ///
+    /// A one-line message that the caller receives as [`Error::Remote`].
+    fn handle(&self, request: &[u8]) -> std::result::Result<Vec<u8>, String>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
+{
+    fn handle(&self, request: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        self(request)
+    }
+}
+
+/// How a [`Server`] connects and serves.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The queue to declare and consume. Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
+    pub queue: String,
+    /// Worker threads, each with its own channel. Default: the number of CPU cores, at least 2.
+    pub workers: usize,
+    /// Unacknowledged requests a worker may hold (`basic.qos` prefetch count). Default: 1, so a
+    /// slow request never holds others back in a busy worker's buffer.
+    pub prefetch: u16,
+    /// The longest wait between two reconnection attempts. Default: 30 s.
+    pub max_reconnect_delay: Duration,
+    /// TCP and AMQP connection settings.
+    pub connect: ConnectOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            queue: DEFAULT_QUEUE.to_string(),
+            workers: default_workers(),
+            prefetch: 1,
+            max_reconnect_delay: Duration::from_secs(30),
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+/// The default worker count: one per core, and never fewer than two.
+pub fn default_workers() -> usize {
+    thread::available_parallelism().map_or(2, |cores| cores.get().max(2))
+}
+
+/// Never sent: dropping every `Sender<Stop>` is the signal.
+enum Stop {}
+
+/// Asks a running [`Server`] to stop; cloneable and usable from any thread (a signal handler's
+/// thread, say).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    sender: Arc<Mutex<Option<Sender<Stop>>>>,
+}
+
+impl ShutdownHandle {
+    /// Starts a graceful shutdown. Calling it again does nothing.
+    pub fn shutdown(&self) {
+        let mut sender = self
+            .sender
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if sender.take().is_some() {
+            info!("shutting down: finishing in-flight requests");
+        }
+    }
+}
+
+/// A running server. Dropping it shuts it down gracefully and waits.
+pub struct Server {
+    shutdown: ShutdownHandle,
+    supervisor: Option<JoinHandle<Result<()>>>,
+}
+
+impl Server {
+    /// Connects to `url`, declares the queue and starts the workers, returning once every worker
+    /// consumes the queue.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for bad options, a bad URL or refused credentials; [`Error::Connect`]
+    /// when the broker cannot be reached; [`Error::Amqp`] when it refuses the queue (declared
+    /// elsewhere with other arguments, for example). Once started, the server reconnects on its
+    /// own instead.
+    pub fn start<H: Handler>(url: &str, options: ServerOptions, handler: H) -> Result<Server> {
+        if options.workers == 0 {
+            return Err(Error::Config("the server needs at least one worker".into()));
+        }
+        if options.prefetch == 0 {
+            return Err(Error::Config(
+                "the prefetch count must be at least 1".into(),
+            ));
+        }
+        let (stop_sender, stop) = bounded::<Stop>(0);
+        let shutdown = ShutdownHandle {
+            sender: Arc::new(Mutex::new(Some(stop_sender))),
+        };
+        let (started_sender, started) = bounded(1);
+        let supervisor = Supervisor {
+            url: url.to_string(),
+            options,
+            handler: Arc::new(handler),
+            stop,
+        };
+        let supervisor = thread::Builder::new()
+            .name("rpc-supervisor".into())
+            .spawn(move || supervisor.run(started_sender))
+            .map_err(|e| Error::Config(format!("cannot start the supervisor thread: {e}")))?;
+        match started.recv() {
+            Ok(Ok(())) => Ok(Server {
+                shutdown,
+                supervisor: Some(supervisor),
+            }),
+            Ok(Err(error)) => {
+                let _ = supervisor.join();
+                Err(error)
+            }
+            Err(_) => Err(supervisor_outcome(supervisor)
+                .err()
+                .unwrap_or_else(|| Error::Config("the server stopped before it started".into()))),
+        }
+    }
+
+    /// A handle that stops this server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Blocks until the server stops (after a [`ShutdownHandle::shutdown`]).
+    ///
+    /// # Errors
+    ///
+    /// An error that ended the server: one that reconnecting cannot fix.
+    pub fn wait(mut self) -> Result<()> {
+        match self.supervisor.take() {
+            Some(supervisor) => supervisor_outcome(supervisor),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops taking requests, lets in-flight requests finish, reply and ack, and closes the
+    /// connection.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::wait`].
+    pub fn shutdown(self) -> Result<()> {
+        self.shutdown.shutdown();
+        self.wait()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        if let Some(supervisor) = self.supervisor.take()
+            && let Err(error) = supervisor_outcome(supervisor)
+        {
+            warn!("server stopped with an error: {error}");
+        }
+    }
+}
+
+fn supervisor_outcome(supervisor: JoinHandle<Result<()>>) -> Result<()> {
+    supervisor
+        .join()
+        .unwrap_or_else(|_| Err(Error::Config("the server's supervisor panicked".into())))
+}
+
+/// Owns the connection: (re)connects, starts workers, watches them, and shuts down.
+struct Supervisor<H> {
+    url: String,
+    options: ServerOptions,
+    handler: Arc<H>,
+    stop: Receiver<Stop>,
+}
+
+/// How one connection's session ended.
+enum SessionEnd {
+    /// Shutdown was asked for and completed.
+    Stopped,
+    /// The connection (or a channel on it) failed; reconnecting may help.
+    Lost(Error),
+}
+
+impl<H: Handler> Supervisor<H> {
+    fn run(self, started: Sender<Result<()>>) -> Result<()> {
+        let mut started = Some(started);
+        let min_delay = Duration::from_millis(100);
+        let mut delay = min_delay;
+        loop {
+            let session_start = Instant::now();
+            let end = self.serve_one_connection(&mut started);
+            match end {
+                Ok(SessionEnd::Stopped) => return Ok(()),
+                Ok(SessionEnd::Lost(error)) | Err(error) => {
+                    if let Some(started) = started.take() {
+                        // Never served: a bad URL or queue is reported, not retried forever.
+                        let _ = started.send(Err(error));
+                        return Ok(());
+                    }
+                    if !is_retryable(&error) {
+                        warn!("server giving up: {error}");
+                        return Err(error);
+                    }
+                    // A connection that served for a while earns a fresh backoff.
+                    if session_start.elapsed() > self.options.max_reconnect_delay {
+                        delay = min_delay;
+                    }
+                    warn!(
+                        "{}; reconnecting in {:.1} s",
+                        error.chain(),
+                        delay.as_secs_f64()
+                    );
+                    select! {
+                        recv(self.stop) -> _ => return Ok(()),
+                        default(delay) => {}
+                    }
+                    delay = (delay * 2).min(self.options.max_reconnect_delay);
+                }
+            }
+        }
+    }
+
+    /// Connects, serves until shutdown or a failure, and closes the connection.
+    fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
+        let mut connection = connect::open(&self.url, &self.options.connect)?;
+        declare_queue(&mut connection, &self.options.queue)?;
+        let channels = (0..self.options.workers)
+            .map(|_| connection.open_channel(None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (ready_sender, ready) = bounded(self.options.workers);
+        let (ended_sender, ended) = unbounded();
+        let mut workers = Vec::with_capacity(self.options.workers);
+        for (index, channel) in channels.into_iter().enumerate() {
+            let worker = Worker {
+                channel,
+                queue: self.options.queue.clone(),
+                prefetch: self.options.prefetch,
+                handler: Arc::clone(&self.handler),
+                stop: self.stop.clone(),
+            };
+            let ready_sender = ready_sender.clone();
+            let ended_sender = ended_sender.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("rpc-worker-{index}"))
+                .spawn(move || {
+                    let _ = ended_sender.send(worker.run(ready_sender));
+                });
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) => {
+                    let _ = connection.close();
+                    join_all(workers);
+                    return Err(Error::Config(format!("cannot start a worker thread: {e}")));
+                }
+            }
+        }
+        drop(ended_sender);
+
+        // A worker that ends with Ok saw the stop signal; one that ends with Err failed.
+        let mut failure = None;
+        let mut ready_workers = 0;
+        while ready_workers < self.options.workers {
+            select! {
+                recv(ready) -> _ => ready_workers += 1,
+                recv(ended) -> outcome => {
+                    failure = outcome.ok().and_then(Result::err);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && ready_workers == self.options.workers {
+            info!(
+                "serving queue '{}' with {} workers",
+                self.options.queue, self.options.workers
+            );
+            if let Some(started) = started.take() {
+                let _ = started.send(Ok(()));
+            }
+            select! {
+                recv(ended) -> outcome => failure = outcome.ok().and_then(Result::err),
+                recv(self.stop) -> _ => {}
+            }
+        }
+
+        match failure {
+            None => {
+                // Shutdown: each worker finishes its request, acks, cancels and returns.
+                let mut failure = None;
+                for outcome in ended.iter() {
+                    if let Err(error) = outcome {
+                        failure.get_or_insert(error);
+                    }
+                }
+                join_all(workers);
+                let closed = connection.close().map_err(Error::from);
+                match failure {
+                    Some(error) => Ok(SessionEnd::Lost(error)),
+                    None => closed.map(|()| SessionEnd::Stopped),
+                }
+            }
+            Some(error) => {
+                // Closing the connection ends the other workers; their unacked requests go back
+                // to the queue.
+                let _ = connection.close();
+                join_all(workers);
+                if is_stopped(&self.stop) {
+                    return Ok(SessionEnd::Stopped);
+                }
+                Ok(SessionEnd::Lost(error))
+            }
+        }
+    }
+}
+
+/// True once shutdown has been asked for (every sender dropped).
+fn is_stopped(stop: &Receiver<Stop>) -> bool {
+    matches!(
+        stop.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
+fn join_all(workers: Vec<JoinHandle<()>>) {
+    for worker in workers {
+        if worker.join().is_err() {
+            warn!("a worker thread panicked outside its handler");
+        }
+    }
+}
+
+/// Declares the server queue as the tutorial does, on a channel of its own.
+fn declare_queue(connection: &mut Connection, queue: &str) -> Result<()> {
+    let channel = connection.open_channel(None)?;
+    channel.queue_declare(queue, QueueDeclareOptions::default())?;
+    debug!("declared queue '{queue}'");
+    channel.close()?;
+    Ok(())
+}
+
+/// Errors that another connection attempt can fix: the broker away, the connection dropped.
+fn is_retryable(error: &Error) -> bool {
+    matches!(error, Error::ConnectionLost(_) | Error::Connect { .. })
+        || matches!(error, Error::Amqp(amqp) if matches!(**amqp, amiquip::Error::ConnectionTimeout))
+}
+
+/// One worker thread's state: its channel, and what it needs to serve.
+struct Worker<H> {
+    channel: Channel,
+    queue: String,
+    prefetch: u16,
+    handler: Arc<H>,
+    stop: Receiver<Stop>,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Serves until shutdown (`Ok`) or until the channel or connection fails (`Err`).
+    fn run(self, ready: Sender<()>) -> Result<()> {
+        self.channel.qos(0, self.prefetch, false)?;
+        let consumer = self
+            .channel
+            .basic_consume(self.queue.as_str(), ConsumerOptions::default())?;
+        let deliveries = consumer.receiver().clone();
+        let _ = ready.send(());
+        let failure = loop {
+            select! {
+                recv(deliveries) -> message => match message {
+                    Ok(ConsumerMessage::Delivery(delivery)) => {
+                        if let Err(error) = self.serve(delivery) {
+                            break Some(error);
+                        }
+                    }
+                    Ok(ConsumerMessage::ServerCancelled) => {
+                        break Some(Error::lost(amiquip::Error::ServerClosedChannel {
+                            channel_id: self.channel.channel_id(),
+                            code: 0,
+                            message: format!("the broker cancelled the consumer of '{}' (queue deleted?)", self.queue),
+                        }));
+                    }
+                    Ok(ConsumerMessage::ServerClosedChannel(error)
+                        | ConsumerMessage::ServerClosedConnection(error)) => {
+                        break Some(Error::from_amqp(error));
+                    }
+                    Ok(_) | Err(_) => {
+                        break Some(Error::lost(amiquip::Error::EventLoopDropped));
+                    }
+                },
+                recv(self.stop) -> _ => break None,
+            }
+        };
+        if let Some(error) = failure {
+            // The consumer's connection is gone: nothing left to cancel.
+            std::mem::drop(consumer);
+            return Err(error);
+        }
+        consumer.cancel()?;
+        // Deliveries can race the cancel; hand them back to the queue for another server.
+        for message in deliveries.iter() {
+            match message {
+                ConsumerMessage::Delivery(delivery) => consumer.nack(delivery, true)?,
+                ConsumerMessage::ClientCancelled => break,
+                _ => break,
+            }
+        }
+        drop(consumer);
+        self.channel.close()?;
+        Ok(())
+    }
+
+    /// Answers one request, then acks it.
+    fn serve(&self, delivery: Delivery) -> Result<()> {
+        let Some(reply_to) = delivery.properties.reply_to().clone() else {
+            warn!(
+                "dropping a request without reply_to (correlation id {:?}): nobody to answer",
+                delivery.properties.correlation_id()
+            );
+            delivery.ack(&self.channel)?;
+            return Ok(());
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.handler.handle(&delivery.body)))
+            .unwrap_or_else(|panic| {
+                Err(format!("the handler panicked: {}", panic_message(&*panic)))
+            });
+        let mut properties = AmqpProperties::default();
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        let body = match outcome {
+            Ok(body) => body,
+            Err(message) => {
+                warn!(
+                    "answering request {:?} with an error: {message}",
+                    delivery.properties.correlation_id()
+                );
+                let mut headers = FieldTable::new();
+                headers.insert(
+                    ERROR_HEADER.to_string(),
+                    AmqpValue::LongString(message.clone()),
+                );
+                properties = properties.with_headers(headers);
+                message.into_bytes()
+            }
+        };
+        self.channel.basic_publish(
+            "",
+            Publish {
+                body: &body,
+                routing_key: reply_to,
+                mandatory: false,
+                immediate: false,
+                properties,
+            },
+        )?;
+        trace!("replied to {:?}", delivery.properties.correlation_id());
+        delivery.ack(&self.channel)?;
+        Ok(())
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}

@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests: finding the broker, naming queues, running servers.
+//!
+//! Every test uses its own queue (a uuid in its name) so that tests run in parallel without
+//! seeing each other's messages, and deletes it when done.
+#![allow(dead_code)] // Each test binary uses its own subset of these helpers.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use amiquip::{Channel, Connection, QueueDeclareOptions, QueueDeleteOptions};
+use amqp_rpc::connect::{self, BrokerAddress, ConnectOptions};
+use amqp_rpc::{Server, ServerOptions, fib};
+
+/// The broker the tests use: `AMQP_URL`, else the local default.
+pub fn broker_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| amqp_rpc::DEFAULT_URL.to_string())
+}
+
+/// Fails the test, saying how to start a broker, when none accepts connections.
+pub fn require_broker() -> String {
+    let url = broker_url();
+    let address = BrokerAddress::parse(&url).expect("AMQP_URL is not a valid broker URL");
+    let reachable = (address.host.as_str(), address.port)
+        .to_socket_addrs()
+        .into_iter()
+        .flatten()
+        .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+    assert!(
+        reachable,
+        "no RabbitMQ broker at {}:{} ({url}). These tests need a real broker: start one with \
+         `rabbitmq-server -detached` (install it with `apt-get install rabbitmq-server`), or \
+         `docker run -d -p 5672:5672 rabbitmq:3`, or run `bash .ci/run`, which does it for you; \
+         set AMQP_URL to use another broker.",
+        address.host, address.port
+    );
+    url
+}
+
+/// A queue name no other test uses.
+pub fn unique_queue(purpose: &str) -> String {
+    format!("amqp-rpc-test-{purpose}-{}", uuid::Uuid::new_v4())
+}
+
+/// A plain amiquip connection for a test's own set-up and checks.
+pub fn raw_connection() -> Connection {
+    connect::open(&require_broker(), &ConnectOptions::default()).expect("connect to the broker")
+}
+
+/// Deletes the named queue when dropped, so tests leave nothing behind on the broker.
+pub struct QueueGuard(pub String);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        if let Ok(mut connection) = connect::open(&broker_url(), &ConnectOptions::default())
+            && let Ok(channel) = connection.open_channel(None)
+        {
+            let _ = channel.queue_delete(self.0.as_str(), QueueDeleteOptions::default());
+            let _ = connection.close();
+        }
+    }
+}
+
+/// Declares `queue` as the server would, without consuming it.
+pub fn declare_queue(channel: &Channel, queue: &str) {
+    channel
+        .queue_declare(queue, QueueDeclareOptions::default())
+        .expect("declare the test queue");
+}
+
+/// Starts a Fibonacci server on `queue` with `workers` workers.
+pub fn start_fib_server(queue: &str, workers: usize) -> Server {
+    let options = ServerOptions {
+        queue: queue.to_string(),
+        workers,
+        ..ServerOptions::default()
+    };
+    Server::start(&require_broker(), options, |request: &[u8]| {
+        fib::handle_request(request, fib::DEFAULT_MAX_N)
+    })
+    .expect("start the server")
+}
+
+/// The Python interpreter with pika importable; fails the test with how to get it otherwise.
+pub fn python_with_pika() -> String {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let found = std::process::Command::new(&python)
+        .args(["-c", "import pika"])
+        .status()
+        .map(|status| status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "the interoperability tests need Python 3 with pika: `pip install pika` \
+         (or set PYTHON to an interpreter that has it)"
+    );
+    python
+}
+
+/// The path of one of the pika peer scripts in `tests/pika/`.
+pub fn pika_script(name: &str) -> String {
+    format!("{}/tests/pika/{name}", env!("CARGO_MANIFEST_DIR"))
+}

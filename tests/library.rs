@@ -1,0 +1,193 @@
+//! The library against the real broker: round trips, reply filtering, timeouts, threads, workers.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
+use amqp_rpc::{Client, ClientOptions, Error, Server, ServerOptions, fib};
+use common::{
+    QueueGuard, declare_queue, raw_connection, require_broker, start_fib_server, unique_queue,
+};
+
+fn client_for(queue: &str, timeout: Duration) -> Client {
+    let options = ClientOptions {
+        queue: queue.to_string(),
+        timeout,
+        ..ClientOptions::default()
+    };
+    Client::with_options(&require_broker(), options).expect("connect the client")
+}
+
+#[test]
+fn round_trip_through_the_library() {
+    let queue = unique_queue("roundtrip");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_fib_server(&queue, 2);
+    let mut client = client_for(&queue, Duration::from_secs(10));
+
+    assert_eq!(client.fib(30).unwrap().to_string(), "832040");
+    assert_eq!(
+        client.fib(100).unwrap().to_string(),
+        "354224848179261915075"
+    );
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    assert_eq!(client.fib(0).unwrap().to_string(), "0");
+
+    client.close().unwrap();
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_reply_with_a_strangers_correlation_id_is_dropped() {
+    let queue = unique_queue("stranger");
+    let _guard = QueueGuard(queue.clone());
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, &queue);
+    let strangers_sent = Arc::new(AtomicUsize::new(0));
+
+    // A server that answers each request twice: first as if to somebody else, then truly.
+    let peer_queue = queue.clone();
+    let peer_count = Arc::clone(&strangers_sent);
+    let peer = thread::spawn(move || {
+        let consumer = channel
+            .basic_consume(peer_queue.as_str(), ConsumerOptions::default())
+            .unwrap();
+        let deliveries = consumer.receiver().clone();
+        let ConsumerMessage::Delivery(request) = deliveries.recv().unwrap() else {
+            panic!("expected a request");
+        };
+        let reply_to = request.properties.reply_to().clone().unwrap();
+        let own_id = request.properties.correlation_id().clone().unwrap();
+        for (id, body) in [
+            ("somebody-else", &b"wrong"[..]),
+            (own_id.as_str(), b"right"),
+        ] {
+            let properties = AmqpProperties::default().with_correlation_id(id.to_string());
+            channel
+                .basic_publish(
+                    "",
+                    Publish::with_properties(body, reply_to.clone(), properties),
+                )
+                .unwrap();
+            if id == "somebody-else" {
+                peer_count.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        consumer.ack(request).unwrap();
+        consumer.cancel().unwrap();
+        for message in deliveries.iter() {
+            if matches!(message, ConsumerMessage::ClientCancelled) {
+                break;
+            }
+        }
+        drop(consumer);
+        connection.close().unwrap();
+    });
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    assert_eq!(client.call(b"anything").unwrap(), b"right");
+    peer.join().unwrap();
+    assert_eq!(strangers_sent.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn without_a_server_the_call_times_out_close_to_its_timeout() {
+    let queue = unique_queue("timeout");
+    let _guard = QueueGuard(queue.clone());
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, &queue);
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    let timeout = Duration::from_millis(700);
+    let started = Instant::now();
+    let error = client.call_with_timeout(b"30", timeout).unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(error, Error::Timeout(t) if t == timeout),
+        "{error:?}"
+    );
+    assert!(error.is_timeout());
+    assert!(waited >= timeout, "gave up early, after {waited:?}");
+    assert!(
+        waited < timeout + Duration::from_millis(500),
+        "gave up late, after {waited:?}"
+    );
+    connection.close().unwrap();
+}
+
+#[test]
+fn many_threads_each_get_their_own_answers() {
+    let queue = unique_queue("threads");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_fib_server(&queue, 4);
+    let threads: Vec<_> = (0..8u64)
+        .map(|thread_index| {
+            let queue = queue.clone();
+            thread::spawn(move || {
+                let mut client = client_for(&queue, Duration::from_secs(10));
+                for call in 0..40u64 {
+                    let n = thread_index * 100 + call;
+                    assert_eq!(client.fib(n).unwrap(), fib::fib(n), "fib({n})");
+                }
+                client.close().unwrap();
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn workers_serve_in_parallel() {
+    const WORKERS: usize = 4;
+    const HANDLER_TIME: Duration = Duration::from_millis(400);
+    let queue = unique_queue("parallel");
+    let _guard = QueueGuard(queue.clone());
+    let running = Arc::new(AtomicUsize::new(0));
+    let most_running = Arc::new(AtomicUsize::new(0));
+    let (now, most) = (Arc::clone(&running), Arc::clone(&most_running));
+    let options = ServerOptions {
+        queue: queue.clone(),
+        workers: WORKERS,
+        ..ServerOptions::default()
+    };
+    let server = Server::start(&require_broker(), options, move |request: &[u8]| {
+        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(at_once, Ordering::SeqCst);
+        thread::sleep(HANDLER_TIME);
+        now.fetch_sub(1, Ordering::SeqCst);
+        Ok(request.to_vec())
+    })
+    .unwrap();
+
+    let started = Instant::now();
+    let callers: Vec<_> = (0..WORKERS)
+        .map(|index| {
+            let queue = queue.clone();
+            thread::spawn(move || {
+                let mut client = client_for(&queue, Duration::from_secs(10));
+                let body = index.to_string();
+                assert_eq!(client.call(body.as_bytes()).unwrap(), body.as_bytes());
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.join().unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(most_running.load(Ordering::SeqCst), WORKERS);
+    // Sequential service would take WORKERS handler times; parallel takes about one.
+    assert!(
+        elapsed < HANDLER_TIME * 2,
+        "{WORKERS} calls took {elapsed:?}, more than two handler times"
+    );
+    server.shutdown().unwrap();
+}
