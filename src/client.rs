@@ -13,6 +13,7 @@
 //! A `Client` is used from the thread that made it (its amiquip channel and consumer are not
 //! `Send`). For many threads, give each its own `Client`: each costs one connection to the broker.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use amiquip::{
@@ -80,6 +81,8 @@ struct Session {
     replies: Receiver<ConsumerMessage>,
     returns: Receiver<Return>,
     reply_to: String,
+    /// The server queue, as the routing key of requests.
+    queue: String,
     connection: Option<Connection>,
 }
 
@@ -100,7 +103,7 @@ impl Client {
     /// [`Error::Config`] for a bad URL or refused credentials, [`Error::Connect`] when the
     /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
     pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
-        let session = Session::open(url, &options.connect)?;
+        let session = Session::open(url, &options)?;
         Ok(Client {
             url: url.to_string(),
             options,
@@ -136,18 +139,59 @@ impl Client {
     /// - [`Error::ConnectionLost`]: the connection died while the call waited;
     /// - the errors of [`Client::with_options`] when reconnecting fails.
     pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        let session = match &mut self.session {
-            Some(session) => session,
-            empty => {
-                debug!("reconnecting to {} after a lost connection", self.url);
-                empty.insert(Session::open(&self.url, &self.options.connect)?)
-            }
-        };
-        let outcome = session.call(&self.options.queue, request, timeout);
+        let outcome = self.session()?.call(request, timeout);
         if matches!(outcome, Err(Error::ConnectionLost(_))) {
             self.session = None;
         }
         outcome
+    }
+
+    /// Sends all `requests` at once, then waits for their replies, at most `timeout` in all;
+    /// returns one outcome per request, in request order.
+    ///
+    /// Keeping many requests in flight from one thread is much faster than calling one by one:
+    /// the broker and the server's workers are kept busy while replies travel back.
+    ///
+    /// When an earlier call lost the connection, this one first connects again; if that fails,
+    /// every outcome is that error.
+    ///
+    /// # Errors
+    ///
+    /// Each outcome has the errors of [`Client::call_with_timeout`].
+    pub fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
+        let session = match self.session() {
+            Ok(session) => session,
+            Err(error) => {
+                let mut error = Some(error);
+                return requests
+                    .iter()
+                    .map(|_| {
+                        Err(error
+                            .take()
+                            .unwrap_or_else(|| Error::lost(amiquip::Error::EventLoopDropped)))
+                    })
+                    .collect();
+            }
+        };
+        let outcomes = session.call_many(requests, timeout);
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_))))
+        {
+            self.session = None;
+        }
+        outcomes
+    }
+
+    /// The current session, connecting again if the last one was lost.
+    fn session(&mut self) -> Result<&mut Session> {
+        match &mut self.session {
+            Some(session) => Ok(session),
+            empty => {
+                debug!("reconnecting to {} after a lost connection", self.url);
+                Ok(empty.insert(Session::open(&self.url, &self.options)?))
+            }
+        }
     }
 
     /// Asks the server for fib(`n`), with the tutorial's wire format: `n` in decimal out, the
@@ -182,8 +226,8 @@ impl Client {
 }
 
 impl Session {
-    fn open(url: &str, options: &ConnectOptions) -> Result<Session> {
-        let mut connection = connect::open(url, options)?;
+    fn open(url: &str, options: &ClientOptions) -> Result<Session> {
+        let mut connection = connect::open(url, &options.connect)?;
         let channel = connection.open_channel(None)?;
         let returns = channel.listen_for_returns()?;
         let reply_queue = channel.queue_declare(
@@ -211,63 +255,123 @@ impl Session {
             replies,
             returns,
             reply_to,
+            queue: options.queue.clone(),
             connection: Some(connection),
         })
     }
 
-    fn call(&mut self, queue: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    fn call(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let correlation_id = Uuid::new_v4().to_string();
+        self.publish(request, &correlation_id, timeout)?;
+        let mut outcome = None;
+        self.receive_until(deadline, timeout, |id, answer| {
+            if id == correlation_id {
+                outcome = Some(answer);
+                true
+            } else {
+                debug!("dropping a reply that is not ours: correlation id {id:?}");
+                false
+            }
+        })?;
+        outcome.expect("receive_until returns Ok only once the reply has arrived")
+    }
+
+    fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        let mut outcomes: Vec<Option<Result<Vec<u8>>>> = requests.iter().map(|_| None).collect();
+        let mut waiting = HashMap::with_capacity(requests.len());
+        let mut failure = None;
+        for (index, request) in requests.iter().enumerate() {
+            let correlation_id = Uuid::new_v4().to_string();
+            if let Err(error) = self.publish(request, &correlation_id, timeout) {
+                failure = Some(error);
+                break;
+            }
+            waiting.insert(correlation_id, index);
+        }
+        if failure.is_none() && !waiting.is_empty() {
+            let received = self.receive_until(deadline, timeout, |id, answer| {
+                match waiting.remove(id) {
+                    Some(index) => outcomes[index] = Some(answer),
+                    None => debug!("dropping a reply that is not ours: correlation id {id:?}"),
+                }
+                waiting.is_empty()
+            });
+            failure = received.err();
+        }
+        // The first unanswered request carries the cause; the others get a timeout or, when the
+        // session broke, a lost connection of their own.
+        let broken = failure.as_ref().is_some_and(|error| !error.is_timeout());
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    Err(failure.take().unwrap_or_else(|| {
+                        if broken {
+                            Error::lost(amiquip::Error::EventLoopDropped)
+                        } else {
+                            Error::Timeout(timeout)
+                        }
+                    }))
+                })
+            })
+            .collect()
+    }
+
+    fn publish(&self, request: &[u8], correlation_id: &str, timeout: Duration) -> Result<()> {
         let properties = AmqpProperties::default()
             .with_reply_to(self.reply_to.clone())
-            .with_correlation_id(correlation_id.clone())
+            .with_correlation_id(correlation_id.to_string())
             // "0" would expire the request at once; RabbitMQ counts in whole milliseconds.
             .with_expiration(timeout.as_millis().max(1).to_string());
         self.reply_channel.borrow_owner().basic_publish(
             "",
             Publish {
                 body: request,
-                routing_key: queue.to_string(),
+                routing_key: self.queue.clone(),
                 mandatory: true,
                 immediate: false,
                 properties,
             },
         )?;
-        trace!("published request {correlation_id} to {queue}");
+        trace!("published request {correlation_id} to {}", self.queue);
+        Ok(())
+    }
+
+    /// Reads replies and returned requests, handing each with its correlation id to `accept`,
+    /// until `accept` says it has all it waits for, or `deadline` passes ([`Error::Timeout`]), or
+    /// the connection goes ([`Error::ConnectionLost`]).
+    fn receive_until(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        mut accept: impl FnMut(&str, Result<Vec<u8>>) -> bool,
+    ) -> Result<()> {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            select! {
+            let done = select! {
                 recv(self.replies) -> message => match message {
                     Ok(ConsumerMessage::Delivery(delivery)) => {
-                        if delivery.properties.correlation_id().as_deref()
-                            == Some(correlation_id.as_str())
-                        {
-                            trace!("reply to {correlation_id} arrived");
-                            return reply_outcome(delivery);
-                        }
-                        debug!(
-                            "dropping a reply that is not ours: correlation id {:?}",
-                            delivery.properties.correlation_id()
-                        );
+                        let id = delivery.properties.correlation_id().clone().unwrap_or_default();
+                        trace!("reply to {id} arrived");
+                        accept(&id, reply_outcome(delivery))
                     }
                     Ok(other) => return Err(consumer_ended(other)),
                     Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
                 },
                 recv(self.returns) -> returned => match returned {
-                    Ok(returned)
-                        if returned.properties.correlation_id().as_deref()
-                            == Some(correlation_id.as_str()) =>
-                    {
-                        debug!("request {correlation_id} returned: {}", returned.reply_text);
-                        return Err(Error::NoRoute { queue: returned.routing_key });
+                    Ok(returned) => {
+                        let id = returned.properties.correlation_id().clone().unwrap_or_default();
+                        debug!("request {id} returned: {}", returned.reply_text);
+                        accept(&id, Err(Error::NoRoute { queue: returned.routing_key }))
                     }
-                    Ok(returned) => debug!(
-                        "dropping a returned request that is not ours: correlation id {:?}",
-                        returned.properties.correlation_id()
-                    ),
                     Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
                 },
                 default(remaining) => return Err(Error::Timeout(timeout)),
+            };
+            if done {
+                return Ok(());
             }
         }
     }

@@ -45,6 +45,7 @@
 //! in the `error` header.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod connect;
 pub mod error;

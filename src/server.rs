@@ -383,10 +383,12 @@ fn declare_queue(connection: &mut Connection, queue: &str) -> Result<()> {
     Ok(())
 }
 
-/// Errors that another connection attempt can fix: the broker away, the connection dropped.
+/// Whether a server that has served before tries again after `error`. Everything the broker
+/// says can change while it restarts or is reconfigured (a lost connection, a refused
+/// connection, a queue declared elsewhere with other arguments), so only our own bad settings
+/// end the server.
 fn is_retryable(error: &Error) -> bool {
-    matches!(error, Error::ConnectionLost(_) | Error::Connect { .. })
-        || matches!(error, Error::Amqp(amqp) if matches!(**amqp, amiquip::Error::ConnectionTimeout))
+    !matches!(error, Error::Config(_))
 }
 
 /// One worker thread's state: its channel, and what it needs to serve.

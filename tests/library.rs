@@ -8,19 +8,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
-use amqp_rpc::{Client, ClientOptions, Error, Server, ServerOptions, fib};
+use amqp_rpc::{Error, Server, ServerOptions, fib};
 use common::{
-    QueueGuard, declare_queue, raw_connection, require_broker, start_fib_server, unique_queue,
+    QueueGuard, client_for, declare_queue, raw_connection, require_broker, start_fib_server,
+    unique_queue,
 };
-
-fn client_for(queue: &str, timeout: Duration) -> Client {
-    let options = ClientOptions {
-        queue: queue.to_string(),
-        timeout,
-        ..ClientOptions::default()
-    };
-    Client::with_options(&require_broker(), options).expect("connect the client")
-}
 
 #[test]
 fn round_trip_through_the_library() {

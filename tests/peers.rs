@@ -2,73 +2,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions};
+use common::process::{our_client, our_server, send_signal, spawn_until_ready, text};
 use common::{
-    QueueGuard, broker_url, pika_script, python_with_pika, require_broker, start_fib_server,
+    QueueGuard, broker_url, client_for, pika_script, python_with_pika, start_fib_server,
     unique_queue,
 };
-
-/// A child process that is killed if the test ends without stopping it.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `command` and waits until it prints `ready_line` on stdout.
-fn spawn_until_ready(mut command: Command, ready_line: &str) -> Running {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the process");
-    let stdout = child.stdout.take().unwrap();
-    let running = Running(child);
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains(ready_line) => break,
-            Some(Ok(_)) => continue,
-            _ => panic!("the process ended before printing {ready_line:?}"),
-        }
-    }
-    running
-}
-
-fn text(output: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn our_client(queue: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_client"))
-        .args(["--url", &require_broker(), "--queue", queue])
-        .args(args)
-        .output()
-        .expect("run the client binary")
-}
-
-fn our_server(queue: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-    command.args([
-        "--url",
-        &require_broker(),
-        "--queue",
-        queue,
-        "--workers",
-        "2",
-    ]);
-    command
-}
 
 #[test]
 fn the_binaries_round_trip_and_the_server_stops_on_sigterm() {
@@ -84,11 +25,7 @@ fn the_binaries_round_trip_and_the_server_stops_on_sigterm() {
     let output = our_client(&queue, &["100"]);
     assert!(text(&output).0.contains(" [.] Got 354224848179261915075\n"));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(&server.0, "TERM");
     let started = Instant::now();
     let exit = server.0.wait().unwrap();
     assert!(exit.success(), "the server exited with {exit}");
@@ -169,12 +106,7 @@ fn our_client_gets_its_answer_from_a_pika_tutorial_server() {
     command.args([&pika_script("rpc_server.py"), &broker_url(), &queue]);
     let _server = spawn_until_ready(command, "Awaiting RPC requests");
 
-    let options = ClientOptions {
-        queue: queue.clone(),
-        timeout: Duration::from_secs(10),
-        ..ClientOptions::default()
-    };
-    let mut client = Client::with_options(&require_broker(), options).unwrap();
+    let mut client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.fib(30).unwrap().to_string(), "832040");
 
     let output = our_client(&queue, &["20"]);

@@ -7,9 +7,12 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+pub mod process;
+pub mod proxy;
+
 use amiquip::{Channel, Connection, QueueDeclareOptions, QueueDeleteOptions};
 use amqp_rpc::connect::{self, BrokerAddress, ConnectOptions};
-use amqp_rpc::{Server, ServerOptions, fib};
+use amqp_rpc::{Client, ClientOptions, Handler, Server, ServerOptions, fib};
 
 /// The broker the tests use: `AMQP_URL`, else the local default.
 pub fn broker_url() -> String {
@@ -67,17 +70,67 @@ pub fn declare_queue(channel: &Channel, queue: &str) {
         .expect("declare the test queue");
 }
 
-/// Starts a Fibonacci server on `queue` with `workers` workers.
-pub fn start_fib_server(queue: &str, workers: usize) -> Server {
+/// Starts a server with `handler` on `queue` with `workers` workers.
+pub fn start_server<H: Handler>(queue: &str, workers: usize, handler: H) -> Server {
+    start_server_at(&require_broker(), queue, workers, handler)
+}
+
+/// Starts a server with `handler` on `queue` of the broker at `url`.
+pub fn start_server_at<H: Handler>(url: &str, queue: &str, workers: usize, handler: H) -> Server {
     let options = ServerOptions {
         queue: queue.to_string(),
         workers,
         ..ServerOptions::default()
     };
-    Server::start(&require_broker(), options, |request: &[u8]| {
+    Server::start(url, options, handler).expect("start the server")
+}
+
+/// Starts a Fibonacci server on `queue` with `workers` workers.
+pub fn start_fib_server(queue: &str, workers: usize) -> Server {
+    start_server(queue, workers, |request: &[u8]| {
         fib::handle_request(request, fib::DEFAULT_MAX_N)
     })
-    .expect("start the server")
+}
+
+/// A client of `queue` that waits at most `timeout` for each reply.
+pub fn client_for(queue: &str, timeout: Duration) -> Client {
+    client_at(&require_broker(), queue, timeout)
+}
+
+/// A client of `queue` on the broker at `url`.
+pub fn client_at(url: &str, queue: &str, timeout: Duration) -> Client {
+    let options = ClientOptions {
+        queue: queue.to_string(),
+        timeout,
+        ..ClientOptions::default()
+    };
+    Client::with_options(url, options).expect("connect the client")
+}
+
+/// Messages ready in `queue` (not delivered to any consumer).
+pub fn ready_messages(queue: &str) -> u32 {
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    let count = channel
+        .queue_declare_passive(queue)
+        .expect("the queue exists")
+        .declared_message_count()
+        .expect("a passive declare reports the count");
+    connection.close().unwrap();
+    count
+}
+
+/// Has the broker close the connection it names `name`, as an operator would.
+pub fn broker_closes_connection(name: &str) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", name, "closed by a test"])
+        .output()
+        .expect("run rabbitmqctl (these tests need the broker's own tools)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl close_connection failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The Python interpreter with pika importable; fails the test with how to get it otherwise.

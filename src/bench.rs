@@ -1,0 +1,166 @@
+//! A load generator: many calls from several threads, with several in flight per thread.
+//!
+//! Used by `client --bench`. Each thread has its own [`Client`]; with `inflight` above 1 a thread
+//! sends its calls in batches of that size with [`Client::call_many`], and every call of a batch
+//! is counted with the batch's latency. Errors are counted, not fatal: a call that fails is
+//! followed by the next (which reconnects if the connection was lost).
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, ClientOptions};
+use crate::error::{Error, Result};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Calls in all, shared out between the threads.
+    pub calls: usize,
+    /// Threads, each with its own client and connection.
+    pub threads: usize,
+    /// Calls each thread keeps in flight at once.
+    pub inflight: usize,
+    /// The request body of every call.
+    pub request: Vec<u8>,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    /// Calls made.
+    pub calls: usize,
+    /// Calls that failed.
+    pub errors: usize,
+    /// Wall-clock time of the whole run.
+    pub elapsed: Duration,
+    /// Latency of every call that succeeded, sorted, in microseconds.
+    pub latencies_us: Vec<u64>,
+}
+
+impl BenchReport {
+    /// Calls (failed ones included) per second of wall-clock time.
+    pub fn calls_per_second(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The latency below which `fraction` (0 to 1) of the successful calls finished, in µs.
+    pub fn percentile_us(&self, fraction: f64) -> u64 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let rank = (fraction * self.latencies_us.len() as f64).ceil() as usize;
+        self.latencies_us[rank.clamp(1, self.latencies_us.len()) - 1]
+    }
+}
+
+impl fmt::Display for BenchReport {
+    /// The one-line summary `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "calls={} errors={} calls_per_s={:.0} p50_us={} p99_us={}",
+            self.calls,
+            self.errors,
+            self.calls_per_second(),
+            self.percentile_us(0.50),
+            self.percentile_us(0.99)
+        )
+    }
+}
+
+/// Runs the benchmark against the server queue named in `client`. `progress` is called from
+/// the calling thread ten times a second with (calls done, calls in all).
+///
+/// # Errors
+///
+/// [`Error::Config`] for zero threads or zero in flight, and the errors of
+/// [`Client::with_options`] when a thread cannot connect at the start.
+pub fn run(
+    url: &str,
+    client: &ClientOptions,
+    options: &BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BenchReport> {
+    if options.threads == 0 || options.inflight == 0 {
+        return Err(Error::Config(
+            "a benchmark needs at least one thread and one call in flight".into(),
+        ));
+    }
+    // Every thread connects first and waits here, so that connecting is not measured.
+    let connected = Arc::new(Barrier::new(options.threads + 1));
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..options.threads)
+        .map(|index| {
+            let share = options.calls / options.threads
+                + usize::from(index < options.calls % options.threads);
+            let (url, client_options, options) = (url.to_string(), client.clone(), options.clone());
+            let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
+            thread::spawn(move || -> Result<(usize, Vec<u64>)> {
+                let client = Client::with_options(&url, client_options);
+                connected.wait();
+                Ok(call_repeatedly(&mut client?, share, &options, &done))
+            })
+        })
+        .collect();
+    connected.wait();
+    let started = Instant::now();
+    while workers.iter().any(|worker| !worker.is_finished()) {
+        progress(done.load(Ordering::Relaxed), options.calls);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = started.elapsed();
+    let mut errors = 0;
+    let mut latencies_us = Vec::with_capacity(options.calls);
+    for worker in workers {
+        let (thread_errors, thread_latencies) =
+            worker.join().expect("a benchmark thread panicked")?;
+        errors += thread_errors;
+        latencies_us.extend(thread_latencies);
+    }
+    latencies_us.sort_unstable();
+    Ok(BenchReport {
+        calls: options.calls,
+        errors,
+        elapsed,
+        latencies_us,
+    })
+}
+
+/// Makes `calls` calls, `inflight` at a time; returns the error count and the latencies.
+fn call_repeatedly(
+    client: &mut Client,
+    calls: usize,
+    options: &BenchOptions,
+    done: &AtomicUsize,
+) -> (usize, Vec<u64>) {
+    let timeout = client.options().timeout;
+    let mut errors = 0;
+    let mut latencies = Vec::with_capacity(calls);
+    let mut remaining = calls;
+    while remaining > 0 {
+        let batch = remaining.min(options.inflight);
+        let requests = vec![options.request.as_slice(); batch];
+        let started = Instant::now();
+        let outcomes = if batch == 1 {
+            vec![client.call(&options.request)]
+        } else {
+            client.call_many(&requests, timeout)
+        };
+        let latency = started.elapsed().as_micros() as u64;
+        for outcome in outcomes {
+            match outcome {
+                Ok(_) => latencies.push(latency),
+                Err(error) => {
+                    log::debug!("benchmark call failed: {error}");
+                    errors += 1;
+                }
+            }
+        }
+        remaining -= batch;
+        done.fetch_add(batch, Ordering::Relaxed);
+    }
+    (errors, latencies)
+}

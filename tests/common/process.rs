@@ -1,0 +1,76 @@
+//! Running the binaries and the pika peers as child processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use super::require_broker;
+
+/// A child process that is killed if the test ends without stopping it.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `command` and waits until it prints `ready_line` on stdout.
+pub fn spawn_until_ready(mut command: Command, ready_line: &str) -> Running {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the process");
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(ready_line) => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("the process ended before printing {ready_line:?}"),
+        }
+    }
+    running
+}
+
+/// The stdout and stderr of a finished process, as text.
+pub fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs the `client` binary against `queue` with extra `args`.
+pub fn our_client(queue: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_client"))
+        .args(["--url", &require_broker(), "--queue", queue])
+        .args(args)
+        .output()
+        .expect("run the client binary")
+}
+
+/// The `server` binary, set up to serve `queue` with two workers.
+pub fn our_server(queue: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+    command.args([
+        "--url",
+        &require_broker(),
+        "--queue",
+        queue,
+        "--workers",
+        "2",
+    ]);
+    command
+}
+
+/// Sends `signal` (as `kill` names it: TERM, INT, KILL) to `child`.
+pub fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}

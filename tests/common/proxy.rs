@@ -1,0 +1,143 @@
+//! A fault-injecting TCP proxy between a test's clients or servers and the broker.
+//!
+//! It forwards every connection it accepts to the broker, and on demand cuts them all (as a
+//! network failure would) or freezes them (a peer that goes silent without closing). It also
+//! knows the local port of each upstream connection, which is how the broker names it, so a
+//! test can have `rabbitmqctl` close exactly its own connections.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use amqp_rpc::connect::BrokerAddress;
+
+/// One forwarded connection: the accepted side and the broker side.
+struct Link {
+    downstream: TcpStream,
+    upstream: TcpStream,
+}
+
+/// A running proxy; it stops accepting when dropped.
+pub struct FaultProxy {
+    address: SocketAddr,
+    broker_url: String,
+    links: Arc<Mutex<Vec<Link>>>,
+    frozen: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Listens on a free local port and forwards to the broker of `broker_url`.
+    pub fn start(broker_url: &str) -> FaultProxy {
+        let broker = BrokerAddress::parse(broker_url).unwrap();
+        let upstream_address = format!("{}:{}", broker.host, broker.port);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = FaultProxy {
+            address: listener.local_addr().unwrap(),
+            broker_url: broker_url.to_string(),
+            links: Arc::default(),
+            frozen: Arc::default(),
+            stopped: Arc::default(),
+        };
+        let (links, frozen, stopped) = (
+            Arc::clone(&proxy.links),
+            Arc::clone(&proxy.frozen),
+            Arc::clone(&proxy.stopped),
+        );
+        thread::spawn(move || {
+            for downstream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(downstream) = downstream else { continue };
+                let Ok(upstream) = TcpStream::connect(&upstream_address) else {
+                    continue;
+                };
+                let _ = downstream.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                forward(&downstream, &upstream, &frozen);
+                forward(&upstream, &downstream, &frozen);
+                links.lock().unwrap().push(Link {
+                    downstream,
+                    upstream,
+                });
+            }
+        });
+        proxy
+    }
+
+    /// The broker URL, rewritten to go through this proxy.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&self.broker_url).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(self.address.port())).unwrap();
+        url.to_string()
+    }
+
+    /// Connections forwarded so far (cut ones included).
+    pub fn connections(&self) -> usize {
+        self.links.lock().unwrap().len()
+    }
+
+    /// Cuts every connection made so far, both ways, as a failed network would. New
+    /// connections are still accepted and forwarded.
+    pub fn cut_all(&self) {
+        for link in self.links.lock().unwrap().iter() {
+            let _ = link.downstream.shutdown(Shutdown::Both);
+            let _ = link.upstream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Stops forwarding bytes without closing anything: both peers go silent.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// The broker's names for the live connections made through this proxy, as
+    /// `rabbitmqctl list_connections name` prints them ("127.0.0.1:PORT -> 127.0.0.1:5672").
+    pub fn broker_connection_names(&self) -> Vec<String> {
+        self.links
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|link| {
+                let local = link.upstream.local_addr().ok()?;
+                let peer = link.upstream.peer_addr().ok()?;
+                Some(format!("{local} -> {peer}"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(self.address);
+        self.cut_all();
+    }
+}
+
+/// Copies bytes from `from` to `to` on a thread of its own, dropping them while frozen.
+fn forward(from: &TcpStream, to: &TcpStream, frozen: &Arc<AtomicBool>) {
+    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+    let frozen = Arc::clone(frozen);
+    thread::spawn(move || {
+        let mut buffer = [0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) if !frozen.load(Ordering::SeqCst) => {
+                    if to.write_all(&buffer[..read]).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
