@@ -112,3 +112,53 @@ fn our_client_gets_its_answer_from_a_pika_tutorial_server() {
     let output = our_client(&queue, &["20"]);
     assert!(text(&output).0.contains(" [.] Got 6765\n"));
 }
+
+/// Reads `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z` into its five numbers.
+fn bench_figures(line: &str) -> [f64; 5] {
+    let names = ["calls", "errors", "calls_per_s", "p50_us", "p99_us"];
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields.len(), names.len(), "{line:?}");
+    let mut figures = [0.0; 5];
+    for ((field, name), figure) in fields.iter().zip(names).zip(&mut figures) {
+        let (key, value) = field.split_once('=').unwrap();
+        assert_eq!(key, name, "{line:?}");
+        *figure = value.parse().unwrap();
+    }
+    figures
+}
+
+#[test]
+fn the_bench_mode_prints_its_summary_line_last() {
+    let queue = unique_queue("bench");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_fib_server(&queue, 2);
+    let output = our_client(
+        &queue,
+        &[
+            "--bench",
+            "--calls",
+            "203",
+            "--threads",
+            "2",
+            "--inflight",
+            "4",
+            "25",
+        ],
+    );
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    let [calls, errors, per_second, p50, p99] = bench_figures(stdout.lines().last().unwrap());
+    assert_eq!((calls, errors), (203.0, 0.0));
+    assert!(per_second > 0.0 && p50 > 0.0 && p99 >= p50);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn the_bench_mode_counts_errors_instead_of_stopping() {
+    let queue = unique_queue("bench-no-server");
+    let output = our_client(&queue, &["--bench", "--calls", "7", "25"]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    let [calls, errors, ..] = bench_figures(stdout.lines().last().unwrap());
+    assert_eq!((calls, errors), (7.0, 7.0));
+}

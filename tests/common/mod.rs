@@ -120,17 +120,36 @@ pub fn ready_messages(queue: &str) -> u32 {
     count
 }
 
-/// Has the broker close the connection it names `name`, as an operator would.
+/// Has the broker close the connection it names `name` ("127.0.0.1:PORT -> 127.0.0.1:5672"),
+/// as an operator would. Only ever called with names of the test's own connections.
 pub fn broker_closes_connection(name: &str) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(["close_connection", name, "closed by a test"])
-        .output()
-        .expect("run rabbitmqctl (these tests need the broker's own tools)");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl close_connection failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let rabbitmqctl = |args: &[&str]| {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl (these tests need the broker's own tools)");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "name",
+        "--no-table-headers",
+        "-q",
+    ]);
+    let pid = listing
+        .lines()
+        .find_map(|line| {
+            let (pid, connection) = line.split_once('\t')?;
+            (connection.trim() == name).then_some(pid)
+        })
+        .unwrap_or_else(|| panic!("the broker lists no connection named {name:?}:\n{listing}"));
+    rabbitmqctl(&["close_connection", pid, "closed by a test"]);
 }
 
 /// The Python interpreter with pika importable; fails the test with how to get it otherwise.

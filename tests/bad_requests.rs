@@ -1,0 +1,281 @@
+//! Bad requests, failing handlers and unanswerable messages: the server answers what it can,
+//! never dies of a request, and never lets a request loop; the client fails fast and precisely.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
+use amqp_rpc::{Error, fib};
+use common::{
+    QueueGuard, client_for, declare_queue, raw_connection, ready_messages, start_server,
+    unique_queue,
+};
+
+const MAX_N: u64 = 1000;
+
+fn fib_handler(request: &[u8]) -> Result<Vec<u8>, String> {
+    fib::handle_request(request, MAX_N)
+}
+
+#[test]
+fn malformed_requests_get_a_one_line_error_reply_and_the_server_goes_on() {
+    let queue = unique_queue("malformed");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 2, fib_handler);
+    let mut client = client_for(&queue, Duration::from_secs(10));
+
+    let huge = vec![b'7'; 1_000_000];
+    let past_max = (MAX_N + 1).to_string();
+    let bad: [&[u8]; 11] = [
+        b"abc",
+        b"",
+        b"-5",
+        b"3.5",
+        b"1e3",
+        b"30abc",
+        b"\xff\xfe\x00",
+        b"18446744073709551616",
+        past_max.as_bytes(),
+        &huge,
+        b"3 0",
+    ];
+    for body in bad {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(20)]).into_owned();
+        match client.call(body) {
+            Err(Error::Remote(message)) => {
+                assert!(
+                    !message.is_empty() && !message.contains('\n'),
+                    "{message:?}"
+                );
+            }
+            other => panic!("request {shown:?}: expected an error reply, got {other:?}"),
+        }
+        // The same worker pool still answers good requests.
+        assert_eq!(client.fib(30).unwrap().to_string(), "832040");
+    }
+    let error = client.call(past_max.as_bytes()).unwrap_err();
+    assert!(error.is_remote());
+    assert!(error.to_string().contains("limit of 1000"), "{error}");
+    assert_eq!(ready_messages(&queue), 0, "every request was acked");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn surrounding_whitespace_is_ignored() {
+    let queue = unique_queue("whitespace");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 1, fib_handler);
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    assert_eq!(client.call(b" 30\n").unwrap(), b"832040");
+    assert_eq!(client.call(b"\t10\r\n").unwrap(), b"55");
+    assert!(client.call(b"1 0").unwrap_err().is_remote());
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_panicking_handler_gets_an_error_reply_and_the_pool_keeps_its_size() {
+    const WORKERS: usize = 2;
+    let queue = unique_queue("panic");
+    let _guard = QueueGuard(queue.clone());
+    let running = Arc::new(AtomicUsize::new(0));
+    let most_running = Arc::new(AtomicUsize::new(0));
+    let (now, most) = (Arc::clone(&running), Arc::clone(&most_running));
+    let server = start_server(&queue, WORKERS, move |request: &[u8]| {
+        if request == b"boom" {
+            panic!("asked to fail");
+        }
+        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(at_once, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(300));
+        now.fetch_sub(1, Ordering::SeqCst);
+        Ok(request.to_vec())
+    });
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    for _ in 0..(WORKERS * 3) {
+        let error = client.call(b"boom").unwrap_err();
+        assert!(
+            matches!(&error, Error::Remote(message) if message.contains("panicked") && message.contains("asked to fail")),
+            "{error:?}"
+        );
+    }
+    // Every worker still serves: as many slow calls run at once as there are workers.
+    let callers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let queue = queue.clone();
+            thread::spawn(move || client_for(&queue, Duration::from_secs(10)).call(b"slow"))
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.join().unwrap().unwrap(), b"slow");
+    }
+    assert_eq!(most_running.load(Ordering::SeqCst), WORKERS);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_without_reply_to_is_acked_and_never_requeued() {
+    let queue = unique_queue("no-reply-to");
+    let _guard = QueueGuard(queue.clone());
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    // One worker with qos(1): had the request been left unacked, nothing else would be served.
+    let server = start_server(&queue, 1, move |request: &[u8]| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        fib_handler(request)
+    });
+
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    channel
+        .basic_publish("", Publish::new(b"30", queue.clone()))
+        .unwrap();
+    connection.close().unwrap();
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(ready_messages(&queue), 0, "the request was not requeued");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        1,
+        "only the answerable request ran"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_call_to_a_queue_nobody_declared_fails_at_once_with_no_route() {
+    let queue = unique_queue("no-route");
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    let started = Instant::now();
+    let error = client.call(b"30").unwrap_err();
+    assert!(
+        matches!(&error, Error::NoRoute { queue: routed } if *routed == queue),
+        "{error:?}"
+    );
+    // Returned by the broker, not given up on after the call's 10 s timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The client is still usable afterwards.
+    assert!(matches!(client.call(b"1"), Err(Error::NoRoute { .. })));
+}
+
+#[test]
+fn a_request_nobody_served_in_time_expires_on_the_broker() {
+    let queue = unique_queue("expiry");
+    let _guard = QueueGuard(queue.clone());
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, &queue);
+    connection.close().unwrap();
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    let error = client
+        .call_with_timeout(b"30", Duration::from_millis(300))
+        .unwrap_err();
+    assert!(error.is_timeout());
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ready_messages(&queue),
+        0,
+        "the broker dropped the expired request"
+    );
+
+    // A server that starts now never sees it.
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let server = start_server(&queue, 1, move |request: &[u8]| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        fib_handler(request)
+    });
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_duplicate_reply_is_ignored() {
+    let queue = unique_queue("duplicate");
+    let _guard = QueueGuard(queue.clone());
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, &queue);
+
+    // A peer that answers its first request twice (as after a redelivery) and the second once.
+    let peer_queue = queue.clone();
+    let peer = thread::spawn(move || {
+        let consumer = channel
+            .basic_consume(peer_queue.as_str(), ConsumerOptions::default())
+            .unwrap();
+        let deliveries = consumer.receiver().clone();
+        for (copies, answer) in [(2, &b"first"[..]), (1, b"second")] {
+            let ConsumerMessage::Delivery(request) = deliveries.recv().unwrap() else {
+                panic!("expected a request");
+            };
+            let reply_to = request.properties.reply_to().clone().unwrap();
+            let id = request.properties.correlation_id().clone().unwrap();
+            for _ in 0..copies {
+                let properties = AmqpProperties::default().with_correlation_id(id.clone());
+                channel
+                    .basic_publish(
+                        "",
+                        Publish::with_properties(answer, reply_to.clone(), properties),
+                    )
+                    .unwrap();
+            }
+            consumer.ack(request).unwrap();
+        }
+        consumer.cancel().unwrap();
+        for message in deliveries.iter() {
+            if matches!(message, ConsumerMessage::ClientCancelled) {
+                break;
+            }
+        }
+        drop(consumer);
+        connection.close().unwrap();
+    });
+
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    assert_eq!(client.call(b"1").unwrap(), b"first");
+    assert_eq!(client.call(b"2").unwrap(), b"second");
+    peer.join().unwrap();
+}
+
+#[test]
+fn call_many_returns_each_outcome_in_request_order() {
+    let queue = unique_queue("many");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 2, fib_handler);
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    let requests: Vec<Vec<u8>> = (0..40u64)
+        .map(|n| {
+            if n == 7 {
+                b"bad".to_vec()
+            } else {
+                n.to_string().into_bytes()
+            }
+        })
+        .collect();
+    let borrowed: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    let outcomes = client.call_many(&borrowed, Duration::from_secs(10));
+    assert_eq!(outcomes.len(), requests.len());
+    for (n, outcome) in outcomes.into_iter().enumerate() {
+        if n == 7 {
+            assert!(outcome.unwrap_err().is_remote());
+        } else {
+            assert_eq!(
+                outcome.unwrap(),
+                fib::fib(n as u64).to_string().into_bytes()
+            );
+        }
+    }
+    server.shutdown().unwrap();
+}

@@ -1,0 +1,173 @@
+//! Lost connections: cut by the network (a fault-injecting proxy), closed by the broker
+//! (`rabbitmqctl close_connection`, only ever for the test's own connections), or gone silent.
+//! Calls fail promptly and the next call works; servers reconnect and serve again.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amqp_rpc::{Client, ClientOptions, Error, fib};
+use common::proxy::FaultProxy;
+use common::{
+    QueueGuard, broker_closes_connection, client_at, client_for, require_broker, start_server,
+    start_server_at, unique_queue,
+};
+
+/// Answers `n` with fib(n), but takes two seconds over the request `slow`.
+fn slow_or_fib(request: &[u8]) -> Result<Vec<u8>, String> {
+    if request == b"slow" {
+        thread::sleep(Duration::from_secs(2));
+        return Ok(b"slow".to_vec());
+    }
+    fib::handle_request(request, 1000)
+}
+
+/// Makes a call with a 20 s timeout while `break_it` breaks its connection 300 ms in, and
+/// checks that it fails promptly with a lost connection.
+fn assert_call_fails_promptly(client: &mut Client, break_it: impl FnOnce() + Send) {
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            thread::sleep(Duration::from_millis(300));
+            break_it();
+        });
+        let started = Instant::now();
+        let error = client
+            .call_with_timeout(b"slow", Duration::from_secs(20))
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(error.is_connection_lost(), "{error:?}");
+        assert!(
+            waited < Duration::from_secs(10),
+            "noticed only after {waited:?}"
+        );
+    });
+}
+
+#[test]
+fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
+    let queue = unique_queue("client-cut");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 2, slow_or_fib);
+    let proxy = FaultProxy::start(&require_broker());
+    let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
+    assert_eq!(client.call(b"30").unwrap(), b"832040");
+
+    assert_call_fails_promptly(&mut client, || proxy.cut_all());
+    assert_eq!(client.call(b"30").unwrap(), b"832040");
+    assert_eq!(proxy.connections(), 2, "the second call connected again");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_reconnects() {
+    let queue = unique_queue("client-closed");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 2, slow_or_fib);
+    let proxy = FaultProxy::start(&require_broker());
+    let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
+    let names = proxy.broker_connection_names();
+    assert_eq!(names.len(), 1);
+
+    assert_call_fails_promptly(&mut client, || broker_closes_connection(&names[0]));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_silent_broker_is_noticed_by_heartbeats() {
+    let queue = unique_queue("silent");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 2, slow_or_fib);
+    let proxy = FaultProxy::start(&require_broker());
+    let mut options = ClientOptions {
+        queue: queue.clone(),
+        ..ClientOptions::default()
+    };
+    options.connect.heartbeat = 1;
+    let mut client = Client::with_options(&proxy.url(), options).unwrap();
+
+    // No byte crosses any more, and nothing closes: only missed heartbeats can tell.
+    assert_call_fails_promptly(&mut client, || proxy.freeze());
+    server.shutdown().unwrap();
+}
+
+/// Calls until a call succeeds or `within` passes; returns whether one did.
+fn eventually_answers(client: &mut Client, within: Duration) -> bool {
+    let give_up = Instant::now() + within;
+    while Instant::now() < give_up {
+        match client.call_with_timeout(b"10", Duration::from_secs(1)) {
+            Ok(reply) => return reply == b"55",
+            Err(Error::Timeout(_) | Error::NoRoute { .. }) => {}
+            Err(other) => panic!("unexpected error while the server reconnects: {other:?}"),
+        }
+    }
+    false
+}
+
+#[test]
+fn a_server_whose_connection_is_cut_reconnects_and_serves_again() {
+    let queue = unique_queue("server-cut");
+    let _guard = QueueGuard(queue.clone());
+    let proxy = FaultProxy::start(&require_broker());
+    let server = start_server_at(&proxy.url(), &queue, 2, slow_or_fib);
+    let mut client = client_for(&queue, Duration::from_secs(5));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+
+    proxy.cut_all();
+    assert!(eventually_answers(&mut client, Duration::from_secs(15)));
+    assert_eq!(proxy.connections(), 2, "the server connected again");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_server_whose_connection_the_broker_closes_reconnects_and_serves_again() {
+    let queue = unique_queue("server-closed");
+    let _guard = QueueGuard(queue.clone());
+    let proxy = FaultProxy::start(&require_broker());
+    let server = start_server_at(&proxy.url(), &queue, 2, slow_or_fib);
+    let mut client = client_for(&queue, Duration::from_secs(5));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+
+    for name in proxy.broker_connection_names() {
+        broker_closes_connection(&name);
+    }
+    assert!(eventually_answers(&mut client, Duration::from_secs(15)));
+    assert_eq!(proxy.connections(), 2, "the server connected again");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_lets_the_request_in_flight_finish_and_stops_consuming() {
+    let queue = unique_queue("graceful");
+    let _guard = QueueGuard(queue.clone());
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let server = start_server(&queue, 2, move |request: &[u8]| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        slow_or_fib(request)
+    });
+    let in_flight = {
+        let queue = queue.clone();
+        thread::spawn(move || client_for(&queue, Duration::from_secs(10)).call(b"slow"))
+    };
+    while handled.load(Ordering::SeqCst) == 0 {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    server.shutdown().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "did not wait for the request"
+    );
+    assert_eq!(in_flight.join().unwrap().unwrap(), b"slow");
+
+    // Nobody consumes any more: a new request waits in the queue until it times out.
+    let mut client = client_for(&queue, Duration::from_secs(10));
+    let error = client
+        .call_with_timeout(b"10", Duration::from_millis(300))
+        .unwrap_err();
+    assert!(error.is_timeout(), "{error:?}");
+}

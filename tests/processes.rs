@@ -1,0 +1,183 @@
+//! Server processes stopped by signals: SIGTERM drains in-flight work, a second signal exits at
+//! once, SIGKILL loses nothing (the broker redelivers), and a soak test with servers killed,
+//! terminated and started under load sees every call answered exactly once.
+//!
+//! These tests use the debug build that `cargo test` makes, in which fib(1,000,000) takes about
+//! a second or more: long enough to signal a server while it computes.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amqp_rpc::fib;
+use common::process::{Running, our_client, our_server, send_signal, spawn_until_ready, text};
+use common::{QueueGuard, client_for, ready_messages, unique_queue};
+
+const READY: &str = "Awaiting RPC requests";
+
+fn start_server_process(queue: &str, extra: &[&str]) -> Running {
+    let mut command = our_server(queue);
+    command.args(extra);
+    spawn_until_ready(command, READY)
+}
+
+/// Waits until no request is left ready in `queue`: a server has taken it.
+fn wait_until_taken(queue: &str) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while ready_messages(queue) > 0 {
+        assert!(Instant::now() < give_up, "no server took the request");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_client_binary_prints_a_server_error_and_exits_nonzero() {
+    let queue = unique_queue("binary-remote-error");
+    let _guard = QueueGuard(queue.clone());
+    let _server = start_server_process(&queue, &["--max-n", "50"]);
+    let output = our_client(&queue, &["51"]);
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.trim(),
+        "error: server error: n=51 is larger than this server's limit of 50"
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits_zero() {
+    let queue = unique_queue("sigterm");
+    let _guard = QueueGuard(queue.clone());
+    let mut server = start_server_process(&queue, &[]);
+    let client = Command::new(env!("CARGO_BIN_EXE_client"))
+        .args([
+            "--url",
+            &common::broker_url(),
+            "--queue",
+            &queue,
+            "--timeout",
+            "60",
+        ])
+        .arg("1000000")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    wait_until_taken(&queue);
+    send_signal(&server.0, "TERM");
+    let exit = server.0.wait().unwrap();
+    assert!(exit.success(), "the server exited with {exit}");
+
+    let output = client.wait_with_output().unwrap();
+    let (stdout, _) = text(&output);
+    assert!(output.status.success());
+    let digits = stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches(" [.] Got ");
+    assert_eq!(digits.len(), 208_988, "fib(1000000) has 208,988 digits");
+    assert_eq!(ready_messages(&queue), 0);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let queue = unique_queue("second-signal");
+    let _guard = QueueGuard(queue.clone());
+    let mut server = start_server_process(&queue, &["--max-n", "20000000"]);
+    // fib(20,000,000) keeps the worker busy for far longer than this test waits.
+    let mut client = client_for(&queue, Duration::from_secs(1));
+    let _ = client.call_with_timeout(b"20000000", Duration::from_millis(100));
+    wait_until_taken(&queue);
+
+    send_signal(&server.0, "TERM");
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "the first signal waits for the request"
+    );
+    send_signal(&server.0, "TERM");
+    let started = Instant::now();
+    let exit = server.0.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        exit.code(),
+        Some(128 + 15),
+        "exit code after a second SIGTERM"
+    );
+}
+
+#[test]
+fn a_request_whose_server_is_killed_is_answered_by_another() {
+    let queue = unique_queue("sigkill");
+    let _guard = QueueGuard(queue.clone());
+    let mut doomed = start_server_process(&queue, &[]);
+    let caller = {
+        let queue = queue.clone();
+        thread::spawn(move || client_for(&queue, Duration::from_secs(60)).fib(1_000_000))
+    };
+    thread::sleep(Duration::from_millis(100));
+    wait_until_taken(&queue);
+    send_signal(&doomed.0, "KILL");
+    doomed.0.wait().unwrap();
+
+    let _rescuer = start_server_process(&queue, &[]);
+    let answer = caller
+        .join()
+        .unwrap()
+        .expect("the request survives its server");
+    assert_eq!(answer, fib::fib(1_000_000));
+}
+
+#[test]
+fn soak_servers_killed_terminated_and_started_under_load_lose_and_mix_up_nothing() {
+    const CALLERS: u64 = 4;
+    let queue = unique_queue("soak");
+    let _guard = QueueGuard(queue.clone());
+    let mut first = start_server_process(&queue, &[]);
+    let mut second = start_server_process(&queue, &[]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let (queue, stop, answered) = (queue.clone(), Arc::clone(&stop), Arc::clone(&answered));
+            thread::spawn(move || {
+                let mut client = client_for(&queue, Duration::from_secs(30));
+                let mut calls = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // Big enough to be mid-computation when a server dies, unique per call.
+                    let n = 20_000 + caller * 10_000 + calls % 10_000;
+                    let answer = client
+                        .fib(n)
+                        .unwrap_or_else(|e| panic!("caller {caller}, call {calls}: {e}"));
+                    assert_eq!(answer, fib::fib(n), "caller {caller} got another's answer");
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+
+    let phase = Duration::from_millis(1500);
+    thread::sleep(phase);
+    send_signal(&first.0, "KILL");
+    first.0.wait().unwrap();
+    thread::sleep(phase);
+    let _third = start_server_process(&queue, &[]);
+    thread::sleep(phase);
+    send_signal(&second.0, "TERM");
+    assert!(second.0.wait().unwrap().success());
+    thread::sleep(phase);
+    stop.store(true, Ordering::SeqCst);
+
+    let made: u64 = callers.into_iter().map(|c| c.join().unwrap()).sum();
+    eprintln!("soak: {made} calls answered");
+    assert!(made > 20, "too few calls to mean anything: {made}");
+    assert_eq!(made as usize, answered.load(Ordering::SeqCst));
+}
