@@ -1,6 +1,7 @@
 //! A load generator: many calls from several threads, with several in flight per thread.
 //!
-//! Used by `client --bench`. Each thread has its own [`Client`]; with `inflight` above 1 a thread
+//! Used by `client --bench`. Each thread has its own [`Client`], all on one
+//! [`SharedConnection`], the way a program with many calling threads should; with `inflight` above 1 a thread
 //! sends its calls in batches of that size with [`Client::call_many`], and every call of a batch
 //! is counted with the batch's latency. Errors are counted, not fatal: a call that fails is
 //! followed by the next (which reconnects if the connection was lost).
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{Client, ClientOptions};
 use crate::error::{Error, Result};
+use crate::shared::SharedConnection;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -77,7 +79,8 @@ impl fmt::Display for BenchReport {
 /// # Errors
 ///
 /// [`Error::Config`] for zero threads or zero in flight, and the errors of
-/// [`Client::with_options`] when a thread cannot connect at the start.
+/// [`SharedConnection::open`] and [`SharedConnection::client`] when the threads cannot connect
+/// at the start.
 pub fn run(
     url: &str,
     client: &ClientOptions,
@@ -89,19 +92,22 @@ pub fn run(
             "a benchmark needs at least one thread and one call in flight".into(),
         ));
     }
-    // Every thread connects first and waits here, so that connecting is not measured.
+    let shared = SharedConnection::open(url, client.connect.clone())?;
+    // Every thread opens its client first and waits here, so that connecting is not measured.
     let connected = Arc::new(Barrier::new(options.threads + 1));
     let done = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..options.threads)
         .map(|index| {
             let share = options.calls / options.threads
                 + usize::from(index < options.calls % options.threads);
-            let (url, client_options, options) = (url.to_string(), client.clone(), options.clone());
+            let (shared, client_options, options) =
+                (shared.clone(), client.clone(), options.clone());
             let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
-            thread::spawn(move || -> Result<(usize, Vec<u64>)> {
-                let client = Client::with_options(&url, client_options);
+            thread::spawn(move || -> Result<(usize, Vec<u64>, Instant)> {
+                let client = shared.client(client_options);
                 connected.wait();
-                Ok(call_repeatedly(&mut client?, share, &options, &done))
+                let (errors, latencies) = call_repeatedly(&mut client?, share, &options, &done);
+                Ok((errors, latencies, Instant::now()))
             })
         })
         .collect();
@@ -111,15 +117,18 @@ pub fn run(
         progress(done.load(Ordering::Relaxed), options.calls);
         thread::sleep(Duration::from_millis(100));
     }
-    let elapsed = started.elapsed();
+    // The run ends when its last thread does, not when this loop next looks.
+    let mut finished = started;
     let mut errors = 0;
     let mut latencies_us = Vec::with_capacity(options.calls);
     for worker in workers {
-        let (thread_errors, thread_latencies) =
+        let (thread_errors, thread_latencies, thread_finished) =
             worker.join().expect("a benchmark thread panicked")?;
         errors += thread_errors;
         latencies_us.extend(thread_latencies);
+        finished = finished.max(thread_finished);
     }
+    let elapsed = finished - started;
     latencies_us.sort_unstable();
     Ok(BenchReport {
         calls: options.calls,

@@ -51,8 +51,10 @@ pub mod connect;
 pub mod error;
 pub mod fib;
 pub mod server;
+pub mod shared;
 
-pub use client::{Client, ClientOptions, DEFAULT_QUEUE};
+pub use client::{Client, ClientOptions, DEFAULT_QUEUE, ReplyRoute};
 pub use connect::{ConnectOptions, DEFAULT_URL};
 pub use error::{Error, Result};
 pub use server::{Handler, Server, ServerOptions, ShutdownHandle};
+pub use shared::SharedConnection;

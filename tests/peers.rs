@@ -111,6 +111,14 @@ fn our_client_gets_its_answer_from_a_pika_tutorial_server() {
 
     let output = our_client(&queue, &["20"]);
     assert!(text(&output).0.contains(" [.] Got 6765\n"));
+
+    // The pika server answers direct reply-to without knowing it.
+    let output = our_client(&queue, &["--direct-reply-to", "21"]);
+    assert!(
+        text(&output).0.contains(" [.] Got 10946\n"),
+        "{:?}",
+        text(&output)
+    );
 }
 
 /// Reads `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z` into its five numbers.

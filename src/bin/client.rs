@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::bench::{self, BenchOptions};
-use amqp_rpc::{Client, ClientOptions};
+use amqp_rpc::{Client, ClientOptions, ReplyRoute};
 use clap::Parser;
 
 /// Asks an RPC server on RabbitMQ for fib(N) and prints the answer.
@@ -21,6 +21,11 @@ struct Args {
     #[arg(long, env = "RPC_TIMEOUT", default_value_t = 10.0, value_parser = parse_seconds)]
     timeout: f64,
 
+    /// Have replies sent through RabbitMQ's direct reply-to (amq.rabbitmq.reply-to) instead of
+    /// an exclusive reply queue.
+    #[arg(long, env = "RPC_DIRECT_REPLY_TO")]
+    direct_reply_to: bool,
+
     /// Benchmark instead: make --calls calls of fib(N) and print one line
     /// `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
     #[arg(long)]
@@ -30,7 +35,8 @@ struct Args {
     #[arg(long, default_value_t = 10_000, requires = "bench")]
     calls: usize,
 
-    /// With --bench: threads, each with its own connection, making calls one after another.
+    /// With --bench: threads, each with its own channel on one shared connection, making calls
+    /// one after another.
     #[arg(long, default_value_t = 1, requires = "bench")]
     threads: usize,
 
@@ -58,6 +64,11 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     let options = ClientOptions {
         queue: args.broker.queue.clone(),
         timeout: Duration::from_secs_f64(args.timeout),
+        reply_route: if args.direct_reply_to {
+            ReplyRoute::DirectReplyTo
+        } else {
+            ReplyRoute::ExclusiveQueue
+        },
         ..ClientOptions::default()
     };
     if args.bench {

@@ -18,9 +18,14 @@ struct Args {
     #[command(flatten)]
     broker: common::BrokerArgs,
 
-    /// Worker threads, each with its own channel [default: CPU cores, at least 2].
+    /// Worker threads, each with its own channel [default: two per CPU core, at least 4].
     #[arg(long, env = "RPC_WORKERS")]
     workers: Option<usize>,
+
+    /// Unacknowledged requests each worker may hold (AMQP prefetch); 1 keeps a slow request
+    /// from holding others back.
+    #[arg(long, env = "RPC_PREFETCH", default_value_t = 1)]
+    prefetch: u16,
 
     /// Largest n answered; larger requests get an error reply.
     #[arg(long, env = "RPC_MAX_N", default_value_t = fib::DEFAULT_MAX_N)]
@@ -39,6 +44,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     let mut options = ServerOptions {
         queue: args.broker.queue,
         workers: args.workers.unwrap_or_else(server::default_workers),
+        prefetch: args.prefetch,
         ..ServerOptions::default()
     };
     options.connect.heartbeat = args.heartbeat;
