@@ -27,6 +27,9 @@ pub struct BenchOptions {
     pub inflight: usize,
     /// The request body of every call.
     pub request: Vec<u8>,
+    /// The reply every call must get; a different one counts as an error (and as mismatched).
+    /// `None` accepts any reply.
+    pub expected_reply: Option<Vec<u8>>,
 }
 
 /// What a run measured.
@@ -34,8 +37,12 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Calls made.
     pub calls: usize,
-    /// Calls that failed.
+    /// Calls that failed, whatever the reason (mismatched replies included).
     pub errors: usize,
+    /// Calls that failed because their connection was lost.
+    pub connection_errors: usize,
+    /// Calls whose reply was not [`BenchOptions::expected_reply`].
+    pub mismatched: usize,
     /// Wall-clock time of the whole run.
     pub elapsed: Duration,
     /// Latency of every call that succeeded, sorted, in microseconds.
@@ -103,11 +110,11 @@ pub fn run(
             let (shared, client_options, options) =
                 (shared.clone(), client.clone(), options.clone());
             let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
-            thread::spawn(move || -> Result<(usize, Vec<u64>, Instant)> {
+            thread::spawn(move || -> Result<(Tally, Instant)> {
                 let client = shared.client(client_options);
                 connected.wait();
-                let (errors, latencies) = call_repeatedly(&mut client?, share, &options, &done);
-                Ok((errors, latencies, Instant::now()))
+                let tally = call_repeatedly(&mut client?, share, &options, &done);
+                Ok((tally, Instant::now()))
             })
         })
         .collect();
@@ -119,57 +126,73 @@ pub fn run(
     }
     // The run ends when its last thread does, not when this loop next looks.
     let mut finished = started;
-    let mut errors = 0;
-    let mut latencies_us = Vec::with_capacity(options.calls);
+    let mut total = Tally::default();
     for worker in workers {
-        let (thread_errors, thread_latencies, thread_finished) =
-            worker.join().expect("a benchmark thread panicked")?;
-        errors += thread_errors;
-        latencies_us.extend(thread_latencies);
+        let (tally, thread_finished) = worker.join().expect("a benchmark thread panicked")?;
+        total.errors += tally.errors;
+        total.connection_errors += tally.connection_errors;
+        total.mismatched += tally.mismatched;
+        total.latencies_us.extend(tally.latencies_us);
         finished = finished.max(thread_finished);
     }
-    let elapsed = finished - started;
-    latencies_us.sort_unstable();
+    total.latencies_us.sort_unstable();
     Ok(BenchReport {
         calls: options.calls,
-        errors,
-        elapsed,
-        latencies_us,
+        errors: total.errors,
+        connection_errors: total.connection_errors,
+        mismatched: total.mismatched,
+        elapsed: finished - started,
+        latencies_us: total.latencies_us,
     })
 }
 
-/// Makes `calls` calls, `inflight` at a time; returns the error count and the latencies.
+/// What one thread saw.
+#[derive(Default)]
+struct Tally {
+    errors: usize,
+    connection_errors: usize,
+    mismatched: usize,
+    latencies_us: Vec<u64>,
+}
+
+/// Makes `calls` calls, `inflight` at a time.
 fn call_repeatedly(
     client: &mut Client,
     calls: usize,
     options: &BenchOptions,
     done: &AtomicUsize,
-) -> (usize, Vec<u64>) {
+) -> Tally {
     let timeout = client.options().timeout;
-    let mut errors = 0;
-    let mut latencies = Vec::with_capacity(calls);
+    let mut tally = Tally {
+        latencies_us: Vec::with_capacity(calls),
+        ..Tally::default()
+    };
     let mut remaining = calls;
     while remaining > 0 {
         let batch = remaining.min(options.inflight);
         let requests = vec![options.request.as_slice(); batch];
         let started = Instant::now();
-        let outcomes = if batch == 1 {
-            vec![client.call(&options.request)]
-        } else {
-            client.call_many(&requests, timeout)
-        };
+        let outcomes = client.call_many(&requests, timeout);
         let latency = started.elapsed().as_micros() as u64;
         for outcome in outcomes {
             match outcome {
-                Ok(_) => latencies.push(latency),
+                Ok(reply) if options.expected_reply.as_ref().is_some_and(|e| *e != reply) => {
+                    log::warn!("benchmark call got a wrong reply");
+                    tally.errors += 1;
+                    tally.mismatched += 1;
+                }
+                Ok(_) => tally.latencies_us.push(latency),
                 Err(error) => {
                     log::debug!("benchmark call failed: {error}");
-                    errors += 1;
+                    tally.errors += 1;
+                    if error.is_connection_lost() {
+                        tally.connection_errors += 1;
+                    }
                 }
             }
         }
         remaining -= batch;
         done.fetch_add(batch, Ordering::Relaxed);
     }
-    (errors, latencies)
+    tally
 }

@@ -31,7 +31,7 @@ use log::{debug, trace, warn};
 use num_bigint::BigUint;
 use uuid::Uuid;
 
-use crate::connect::{self, ConnectOptions};
+use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, Result};
 use crate::shared::SharedConnection;
 
@@ -50,6 +50,12 @@ pub struct ClientOptions {
     /// How long [`Client::call`] waits for a reply before it returns [`Error::Timeout`].
     /// Default: 10 s.
     pub timeout: Duration,
+    /// Whether a request whose connection is lost before its reply arrives is sent again once
+    /// the client has reconnected, within the call's timeout. Default: `false`.
+    ///
+    /// Safe only for idempotent requests (Fibonacci is): the lost request may already have
+    /// been served, or may still be, so the server can run it twice.
+    pub retry: bool,
     /// How replies come back. Default: [`ReplyRoute::ExclusiveQueue`].
     pub reply_route: ReplyRoute,
     /// TCP and AMQP connection settings (unused for a client on a [`SharedConnection`]).
@@ -61,6 +67,7 @@ impl Default for ClientOptions {
         ClientOptions {
             queue: DEFAULT_QUEUE.to_string(),
             timeout: Duration::from_secs(10),
+            retry: false,
             reply_route: ReplyRoute::default(),
             connect: ConnectOptions::default(),
         }
@@ -76,6 +83,15 @@ pub enum ReplyRoute {
     /// RabbitMQ's `amq.rabbitmq.reply-to` pseudo-queue: no queue to declare, replies go straight
     /// to the client's channel. A reply whose client has gone is dropped by the broker.
     DirectReplyTo,
+}
+
+/// How long a retrying call waits before it tries a refused broker again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Failures that a retrying call sends its request again after: the connection went, or a new
+/// one could not be made yet.
+fn is_retryable(error: &Error) -> bool {
+    matches!(error, Error::ConnectionLost(_) | Error::Connect { .. })
 }
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
@@ -99,8 +115,8 @@ pub struct Client {
 
 /// Where a client gets its channel.
 enum Source {
-    /// A connection of its own, made from this URL.
-    Own(String),
+    /// A connection of its own, to one of these brokers.
+    Own(Brokers),
     /// A channel on a shared connection.
     Shared(SharedConnection),
 }
@@ -130,14 +146,16 @@ impl Client {
         Client::with_options(url, ClientOptions::default())
     }
 
-    /// Connects to the broker at `url` and sets up the reply queue.
+    /// Connects to the broker at `url` and sets up the reply queue. `url` may list several
+    /// brokers (the nodes of a cluster) separated by commas: the client connects to the first
+    /// that answers and, after losing a connection, to whichever answers next.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for a bad URL or refused credentials, [`Error::Connect`] when the
     /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
     pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
-        Client::from_source(Source::Own(url.to_string()), options)
+        Client::from_source(Source::Own(Brokers::parse(url)?), options)
     }
 
     /// A client on a channel of `shared`; see [`SharedConnection::client`].
@@ -172,7 +190,8 @@ impl Client {
     /// Sends `request` to the server queue and returns the reply body, waiting at most
     /// `timeout`.
     ///
-    /// When an earlier call lost the connection, this one first connects again.
+    /// When an earlier call lost the connection, this one first connects again; with
+    /// [`ClientOptions::retry`], see [`Client::call_many`].
     ///
     /// # Errors
     ///
@@ -182,11 +201,9 @@ impl Client {
     /// - [`Error::ConnectionLost`]: the connection died while the call waited;
     /// - the errors of [`Client::with_options`] when reconnecting fails.
     pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        let outcome = self.session()?.call(request, timeout);
-        if matches!(outcome, Err(Error::ConnectionLost(_))) {
-            self.session = None;
-        }
-        outcome
+        self.call_many(&[request], timeout)
+            .pop()
+            .expect("one outcome per request")
     }
 
     /// Sends all `requests` at once, then waits for their replies, at most `timeout` in all;
@@ -195,35 +212,68 @@ impl Client {
     /// Keeping many requests in flight from one thread is much faster than calling one by one:
     /// the broker and the server's workers are kept busy while replies travel back.
     ///
-    /// When an earlier call lost the connection, this one first connects again; if that fails,
-    /// every outcome is that error.
+    /// When an earlier call lost the connection, this one first connects again. With
+    /// [`ClientOptions::retry`], requests whose connection is lost before their reply arrives
+    /// are sent again once the client has reconnected, until the deadline.
     ///
     /// # Errors
     ///
     /// Each outcome has the errors of [`Client::call_with_timeout`].
     pub fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
-        let session = match self.session() {
-            Ok(session) => session,
-            Err(error) => {
-                let mut error = Some(error);
-                return requests
-                    .iter()
-                    .map(|_| {
-                        Err(error
-                            .take()
-                            .unwrap_or_else(|| Error::lost(amiquip::Error::EventLoopDropped)))
-                    })
-                    .collect();
+        let deadline = Instant::now() + timeout;
+        let mut outcomes: Vec<Option<Result<Vec<u8>>>> = requests.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..requests.len()).collect();
+        while !pending.is_empty() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut refused = false;
+            let attempt = match self.session() {
+                Ok(session) => {
+                    let batch: Vec<&[u8]> = pending.iter().map(|&index| requests[index]).collect();
+                    session.call_many(&batch, remaining)
+                }
+                Err(error) => {
+                    refused = true;
+                    pending.iter().map(|_| Err(error.duplicate())).collect()
+                }
+            };
+            if attempt
+                .iter()
+                .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_))))
+            {
+                self.session = None;
             }
-        };
-        let outcomes = session.call_many(requests, timeout);
-        if outcomes
-            .iter()
-            .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_))))
-        {
-            self.session = None;
+            let mut again = Vec::new();
+            for (index, outcome) in pending.into_iter().zip(attempt) {
+                match outcome {
+                    Err(error) if self.options.retry && is_retryable(&error) => again.push(index),
+                    // A timeout names the call's whole timeout, not the last attempt's share.
+                    Err(Error::Timeout(_)) => outcomes[index] = Some(Err(Error::Timeout(timeout))),
+                    outcome => outcomes[index] = Some(outcome),
+                }
+            }
+            pending = again;
+            if !pending.is_empty() {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    for &index in &pending {
+                        outcomes[index] = Some(Err(Error::Timeout(timeout)));
+                    }
+                    break;
+                }
+                debug!(
+                    "retrying {} requests after a lost connection",
+                    pending.len()
+                );
+                if refused {
+                    // Do not hammer brokers that refuse connections.
+                    std::thread::sleep(remaining.min(RETRY_PAUSE));
+                }
+            }
         }
         outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every request has an outcome"))
+            .collect()
     }
 
     /// The current session, connecting again if the last one was lost.
@@ -271,8 +321,8 @@ impl Client {
 impl Session {
     fn open(source: &Source, options: &ClientOptions) -> Result<Session> {
         let (channel, connection) = match source {
-            Source::Own(url) => {
-                let mut connection = connect::open(url, &options.connect)?;
+            Source::Own(brokers) => {
+                let mut connection = brokers.connect(&options.connect)?;
                 (connection.open_channel(None)?, Some(connection))
             }
             Source::Shared(shared) => (shared.open_channel()?, None),
@@ -312,23 +362,6 @@ impl Session {
             queue: options.queue.clone(),
             connection,
         })
-    }
-
-    fn call(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let correlation_id = Uuid::new_v4().to_string();
-        self.publish(request, &correlation_id, timeout)?;
-        let mut outcome = None;
-        self.receive_until(deadline, timeout, |id, answer| {
-            if id == correlation_id {
-                outcome = Some(answer);
-                true
-            } else {
-                debug!("dropping a reply that is not ours: correlation id {id:?}");
-                false
-            }
-        })?;
-        outcome.expect("receive_until returns Ok only once the reply has arrived")
     }
 
     fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {

@@ -8,7 +8,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
-use log::debug;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use log::{debug, warn};
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -109,16 +111,91 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
         .map(|decoded| decoded.into_owned())
 }
 
-/// Opens an AMQP connection to `url` with `TCP_NODELAY` set.
+/// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
+/// commas.
+///
+/// Each connection attempt tries them in turn, starting after the one that answered last, so
+/// that after a connection loss the next connection goes to whichever node answers next.
+#[derive(Debug)]
+pub struct Brokers {
+    addresses: Vec<BrokerAddress>,
+    /// Index of the broker to try first next time.
+    next: AtomicUsize,
+}
+
+impl Brokers {
+    /// Parses one URL, or several separated by commas.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the list is empty or a URL is bad (see [`BrokerAddress::parse`]).
+    pub fn parse(urls: &str) -> Result<Brokers> {
+        let addresses = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(BrokerAddress::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if addresses.is_empty() {
+            return Err(Error::Config("no broker URL given".into()));
+        }
+        Ok(Brokers {
+            addresses,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The brokers, in the order given.
+    pub fn addresses(&self) -> &[BrokerAddress] {
+        &self.addresses
+    }
+
+    /// Connects to the first broker that answers, trying each once.
+    ///
+    /// # Errors
+    ///
+    /// The last broker's error when none answers; see [`open_address`].
+    pub fn connect(&self, options: &ConnectOptions) -> Result<Connection> {
+        let count = self.addresses.len();
+        let first = self.next.load(Ordering::Relaxed) % count;
+        let mut last_error = None;
+        for index in (first..count).chain(0..first) {
+            match open_address(&self.addresses[index], options) {
+                Ok(connection) => {
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    if count > 1 {
+                        warn!("{}; trying the next broker", error.chain());
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.expect("there is at least one broker"))
+    }
+}
+
+/// Opens an AMQP connection with `TCP_NODELAY` set to `urls`: one URL, or several separated by
+/// commas, tried in turn until one answers.
 ///
 /// # Errors
 ///
 /// [`Error::Config`] for a bad URL, [`Error::Connect`] when no TCP connection can be made within
 /// the timeout, and [`Error::Amqp`] when the broker refuses the handshake (bad credentials, an
-/// unknown vhost) or TLS fails.
-pub fn open(url: &str, options: &ConnectOptions) -> Result<Connection> {
-    let address = BrokerAddress::parse(url)?;
-    let stream = connect_tcp(&address, options.connect_timeout)?;
+/// unknown vhost) or TLS fails; with several URLs, the last one's error.
+pub fn open(urls: &str, options: &ConnectOptions) -> Result<Connection> {
+    Brokers::parse(urls)?.connect(options)
+}
+
+/// Opens an AMQP connection to one broker with `TCP_NODELAY` set.
+///
+/// # Errors
+///
+/// As [`open`].
+pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
+    let stream = connect_tcp(address, options.connect_timeout)?;
     let amqp_options = ConnectionOptions::<Auth>::default()
         .auth(Auth::Plain {
             username: address.username.clone(),
@@ -129,7 +206,7 @@ pub fn open(url: &str, options: &ConnectOptions) -> Result<Connection> {
         .connection_timeout(Some(options.connect_timeout))
         .information(Some(options.connection_name.clone()));
     let stream = mio::net::TcpStream::from_stream(stream).map_err(|source| Error::Connect {
-        addr: url_for_display(&address),
+        addr: url_for_display(address),
         source,
     })?;
     let connection = if address.tls {
@@ -149,12 +226,12 @@ pub fn open(url: &str, options: &ConnectOptions) -> Result<Connection> {
         // A refused handshake is not a lost connection: say which broker refused it.
         amiquip::Error::InvalidCredentials => Error::Config(format!(
             "the broker at {} refused user '{}': invalid credentials",
-            url_for_display(&address),
+            url_for_display(address),
             address.username
         )),
         other => Error::Amqp(Box::new(other)),
     })?;
-    debug!("connected to {}", url_for_display(&address));
+    debug!("connected to {}", url_for_display(address));
     Ok(connection)
 }
 
@@ -241,6 +318,22 @@ mod tests {
         assert_eq!(address.password, "p:ss+");
         assert_eq!(address.vhost, "my/vhost");
         assert_eq!(address.port, 1234);
+    }
+
+    #[test]
+    fn a_list_of_urls_is_split_on_commas() {
+        let brokers = Brokers::parse("amqp://a:1, amqp://b:2,,amqp://c:3").unwrap();
+        let hosts: Vec<_> = brokers
+            .addresses()
+            .iter()
+            .map(|a| a.host.as_str())
+            .collect();
+        assert_eq!(hosts, ["a", "b", "c"]);
+        assert!(matches!(Brokers::parse(" , "), Err(Error::Config(_))));
+        assert!(matches!(
+            Brokers::parse("amqp://a,http://b"),
+            Err(Error::Config(_))
+        ));
     }
 
     #[test]

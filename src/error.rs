@@ -77,6 +77,27 @@ impl Error {
         text
     }
 
+    /// The same error again, for each request of a batch that failed as a whole. amiquip's
+    /// errors cannot be cloned, so a lost connection's copy names no cause.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Config(message) => Error::Config(message.clone()),
+            Error::Connect { addr, source } => Error::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Timeout(timeout) => Error::Timeout(*timeout),
+            Error::NoRoute { queue } => Error::NoRoute {
+                queue: queue.clone(),
+            },
+            Error::Remote(message) => Error::Remote(message.clone()),
+            Error::InvalidReply(message) => Error::InvalidReply(message.clone()),
+            Error::ConnectionLost(_) | Error::Amqp(_) => {
+                Error::lost(amiquip::Error::EventLoopDropped)
+            }
+        }
+    }
+
     /// The connection is gone, for the reason amiquip gives.
     pub(crate) fn lost(reason: amiquip::Error) -> Error {
         Error::ConnectionLost(Box::new(reason))

@@ -56,5 +56,5 @@ pub mod shared;
 pub use client::{Client, ClientOptions, DEFAULT_QUEUE, ReplyRoute};
 pub use connect::{ConnectOptions, DEFAULT_URL};
 pub use error::{Error, Result};
-pub use server::{Handler, Server, ServerOptions, ShutdownHandle};
+pub use server::{Handler, QueueType, Server, ServerOptions, ShutdownHandle};
 pub use shared::SharedConnection;

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
 use crate::client::{DEFAULT_QUEUE, ERROR_HEADER};
-use crate::connect::{self, ConnectOptions};
+use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, Result};
 
 /// Computes a reply from a request body. An `Err` is sent back to the caller as an error reply.
@@ -65,6 +65,19 @@ pub struct ServerOptions {
     /// Unacknowledged requests a worker may hold (`basic.qos` prefetch count). Default: 1, so a
     /// slow request never holds others back in a busy worker's buffer.
     pub prefetch: u16,
+    /// The kind of queue to declare. Default: [`QueueType::Classic`], as the tutorial.
+    pub queue_type: QueueType,
+    /// For a quorum queue: how many times a request may be redelivered (after its server died
+    /// or its channel closed without an ack) before the broker drops it, or dead-letters it
+    /// when [`ServerOptions::dead_letter_exchange`] is set. Stops a request that kills every
+    /// server that takes it from looping forever. Default: `Some(5)`; `None` for no limit.
+    pub delivery_limit: Option<u32>,
+    /// For a quorum queue: the exchange that receives requests dropped by the delivery limit
+    /// (and expired ones), with [`ServerOptions::dead_letter_routing_key`]. Default: `None`,
+    /// they are dropped.
+    pub dead_letter_exchange: Option<String>,
+    /// The routing key for dead-lettered requests; `None` keeps their own. Default: `None`.
+    pub dead_letter_routing_key: Option<String>,
     /// The longest wait between two reconnection attempts. Default: 30 s.
     pub max_reconnect_delay: Duration,
     /// TCP and AMQP connection settings.
@@ -77,10 +90,29 @@ impl Default for ServerOptions {
             queue: DEFAULT_QUEUE.to_string(),
             workers: default_workers(),
             prefetch: 1,
+            queue_type: QueueType::default(),
+            delivery_limit: Some(5),
+            dead_letter_exchange: None,
+            dead_letter_routing_key: None,
             max_reconnect_delay: Duration::from_secs(30),
             connect: ConnectOptions::default(),
         }
     }
+}
+
+/// The kind of server queue; every server of one queue must declare it alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// A classic queue, declared as the tutorial does: not durable, not exclusive, no
+    /// arguments, so the tutorial's peers in other languages can declare it too. It lives on
+    /// one node: if that node is lost, so are the requests in it, and servers cannot consume
+    /// until it is back.
+    #[default]
+    Classic,
+    /// A durable quorum queue, replicated on a majority of a cluster's nodes: requests survive
+    /// the loss of a minority of nodes, at the cost of a disk write and a replication round
+    /// before each request is accepted. Supports [`ServerOptions::delivery_limit`].
+    Quorum,
 }
 
 /// The default worker count: two per core, and never fewer than four.
@@ -123,7 +155,9 @@ pub struct Server {
 
 impl Server {
     /// Connects to `url`, declares the queue and starts the workers, returning once every worker
-    /// consumes the queue.
+    /// consumes the queue. `url` may list several brokers (the nodes of a cluster) separated by
+    /// commas: the server connects to the first that answers and, after losing its
+    /// connection, to whichever answers next.
     ///
     /// # Errors
     ///
@@ -146,7 +180,7 @@ impl Server {
         };
         let (started_sender, started) = bounded(1);
         let supervisor = Supervisor {
-            url: url.to_string(),
+            brokers: Brokers::parse(url)?,
             options,
             handler: Arc::new(handler),
             stop,
@@ -218,7 +252,7 @@ fn supervisor_outcome(supervisor: JoinHandle<Result<()>>) -> Result<()> {
 
 /// Owns the connection: (re)connects, starts workers, watches them, and shuts down.
 struct Supervisor<H> {
-    url: String,
+    brokers: Brokers,
     options: ServerOptions,
     handler: Arc<H>,
     stop: Receiver<Stop>,
@@ -273,8 +307,8 @@ impl<H: Handler> Supervisor<H> {
 
     /// Connects, serves until shutdown or a failure, and closes the connection.
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
-        let mut connection = connect::open(&self.url, &self.options.connect)?;
-        declare_queue(&mut connection, &self.options.queue)?;
+        let mut connection = self.brokers.connect(&self.options.connect)?;
+        declare_queue(&mut connection, &self.options)?;
         let channels = (0..self.options.workers)
             .map(|_| connection.open_channel(None))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -379,13 +413,45 @@ fn join_all(workers: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Declares the server queue as the tutorial does, on a channel of its own.
-fn declare_queue(connection: &mut Connection, queue: &str) -> Result<()> {
+/// Declares the server queue, on a channel of its own.
+fn declare_queue(connection: &mut Connection, options: &ServerOptions) -> Result<()> {
     let channel = connection.open_channel(None)?;
-    channel.queue_declare(queue, QueueDeclareOptions::default())?;
-    debug!("declared queue '{queue}'");
+    channel.queue_declare(options.queue.as_str(), queue_declare_options(options))?;
+    debug!(
+        "declared {:?} queue '{}'",
+        options.queue_type, options.queue
+    );
     channel.close()?;
     Ok(())
+}
+
+/// How the server queue is declared; see [`QueueType`].
+fn queue_declare_options(options: &ServerOptions) -> QueueDeclareOptions {
+    match options.queue_type {
+        QueueType::Classic => QueueDeclareOptions::default(),
+        QueueType::Quorum => {
+            let mut arguments = FieldTable::new();
+            let text = |value: &str| AmqpValue::LongString(value.to_string());
+            arguments.insert("x-queue-type".into(), text("quorum"));
+            if let Some(limit) = options.delivery_limit {
+                arguments.insert(
+                    "x-delivery-limit".into(),
+                    AmqpValue::LongLongInt(limit.into()),
+                );
+            }
+            if let Some(exchange) = &options.dead_letter_exchange {
+                arguments.insert("x-dead-letter-exchange".into(), text(exchange));
+            }
+            if let Some(routing_key) = &options.dead_letter_routing_key {
+                arguments.insert("x-dead-letter-routing-key".into(), text(routing_key));
+            }
+            QueueDeclareOptions {
+                durable: true,
+                arguments,
+                ..QueueDeclareOptions::default()
+            }
+        }
+    }
 }
 
 /// Whether a server that has served before tries again after `error`. Everything the broker

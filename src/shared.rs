@@ -12,7 +12,7 @@ use amiquip::{Channel, Connection};
 use log::{debug, warn};
 
 use crate::client::{Client, ClientOptions};
-use crate::connect::{self, ConnectOptions};
+use crate::connect::{Brokers, ConnectOptions};
 use crate::error::Result;
 
 /// A connection that clients on many threads share; cheap to clone, `Send` and `Sync`.
@@ -44,23 +44,25 @@ pub struct SharedConnection {
 }
 
 struct Inner {
-    url: String,
+    brokers: Brokers,
     options: ConnectOptions,
     /// `None` after a failed reconnection; the next channel request tries again.
     connection: Mutex<Option<Connection>>,
 }
 
 impl SharedConnection {
-    /// Connects to the broker at `url`.
+    /// Connects to the broker at `url`, or to the first that answers of several URLs separated
+    /// by commas; after a connection loss, to whichever answers next.
     ///
     /// # Errors
     ///
-    /// Those of [`connect::open`].
+    /// Those of [`crate::connect::open`].
     pub fn open(url: &str, options: ConnectOptions) -> Result<SharedConnection> {
-        let connection = connect::open(url, &options)?;
+        let brokers = Brokers::parse(url)?;
+        let connection = brokers.connect(&options)?;
         Ok(SharedConnection {
             inner: Arc::new(Inner {
-                url: url.to_string(),
+                brokers,
                 options,
                 connection: Mutex::new(Some(connection)),
             }),
@@ -88,9 +90,9 @@ impl SharedConnection {
         }
         // Drop (and so quietly close) the dead connection before making the next.
         *connection = None;
-        let mut fresh = connect::open(&self.inner.url, &self.inner.options)?;
+        let mut fresh = self.inner.brokers.connect(&self.inner.options)?;
         let channel = fresh.open_channel(None)?;
-        debug!("shared connection to {} re-established", self.inner.url);
+        debug!("shared connection re-established");
         *connection = Some(fresh);
         Ok(channel)
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::bench::{self, BenchOptions};
-use amqp_rpc::{Client, ClientOptions, ReplyRoute};
+use amqp_rpc::{Client, ClientOptions, ReplyRoute, fib};
 use clap::Parser;
 
 /// Asks an RPC server on RabbitMQ for fib(N) and prints the answer.
@@ -26,7 +26,12 @@ struct Args {
     #[arg(long, env = "RPC_DIRECT_REPLY_TO")]
     direct_reply_to: bool,
 
-    /// Benchmark instead: make --calls calls of fib(N) and print one line
+    /// Send a request again when its connection is lost before the reply arrives, once
+    /// reconnected, within the timeout. Safe for Fibonacci, which is idempotent.
+    #[arg(long, env = "RPC_RETRY")]
+    retry: bool,
+
+    /// Benchmark instead: make --calls calls of fib(N), check every answer, and print one line
     /// `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
     #[arg(long)]
     bench: bool,
@@ -64,6 +69,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     let options = ClientOptions {
         queue: args.broker.queue.clone(),
         timeout: Duration::from_secs_f64(args.timeout),
+        retry: args.retry,
         reply_route: if args.direct_reply_to {
             ReplyRoute::DirectReplyTo
         } else {
@@ -74,7 +80,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     if args.bench {
         return run_bench(&args, &options);
     }
-    let mut client = Client::with_options(&args.broker.url, options)?;
+    let mut client = Client::with_options(&args.broker.url_list(), options)?;
     println!(" [x] Requesting fib({})", args.n);
     let answer = client.fib(args.n)?;
     println!(" [.] Got {answer}");
@@ -87,11 +93,12 @@ fn run_bench(args: &Args, client: &ClientOptions) -> amqp_rpc::Result<()> {
         threads: args.threads,
         inflight: args.inflight,
         request: args.n.to_string().into_bytes(),
+        expected_reply: Some(fib::fib(args.n).to_string().into_bytes()),
     };
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
     let mut drawn = false;
-    let report = bench::run(&args.broker.url, client, &options, |done, total| {
+    let report = bench::run(&args.broker.url_list(), client, &options, |done, total| {
         // A progress bar only for runs long enough to wonder about, and only for a person.
         if show_progress && started.elapsed() > Duration::from_secs(1) {
             let filled = done * 40 / total.max(1);

@@ -5,7 +5,7 @@ mod common;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_rpc::{Server, ServerOptions, fib, server};
+use amqp_rpc::{QueueType, Server, ServerOptions, fib, server};
 use clap::Parser;
 use log::debug;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -27,6 +27,24 @@ struct Args {
     #[arg(long, env = "RPC_PREFETCH", default_value_t = 1)]
     prefetch: u16,
 
+    /// The kind of queue to declare: classic (as the tutorial) or quorum (replicated across a
+    /// cluster's nodes; survives losing a minority of them).
+    #[arg(long, env = "RPC_QUEUE_TYPE", value_enum, default_value_t = QueueKind::Classic)]
+    queue_type: QueueKind,
+
+    /// Quorum queues: redeliveries after which a request that keeps killing servers is
+    /// dropped (or dead-lettered); 0 for no limit.
+    #[arg(long, env = "RPC_DELIVERY_LIMIT", default_value_t = 5)]
+    delivery_limit: u32,
+
+    /// Quorum queues: the exchange that receives requests dropped by the delivery limit.
+    #[arg(long, env = "RPC_DEAD_LETTER_EXCHANGE")]
+    dead_letter_exchange: Option<String>,
+
+    /// Quorum queues: the routing key for dead-lettered requests [default: their own].
+    #[arg(long, env = "RPC_DEAD_LETTER_ROUTING_KEY")]
+    dead_letter_routing_key: Option<String>,
+
     /// Largest n answered; larger requests get an error reply.
     #[arg(long, env = "RPC_MAX_N", default_value_t = fib::DEFAULT_MAX_N)]
     max_n: u64,
@@ -36,20 +54,34 @@ struct Args {
     heartbeat: u16,
 }
 
+/// `--queue-type` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum QueueKind {
+    Classic,
+    Quorum,
+}
+
 fn main() -> ExitCode {
     common::main_with("info", || run(Args::parse()))
 }
 
 fn run(args: Args) -> amqp_rpc::Result<()> {
     let mut options = ServerOptions {
-        queue: args.broker.queue,
+        queue: args.broker.queue.clone(),
         workers: args.workers.unwrap_or_else(server::default_workers),
         prefetch: args.prefetch,
+        queue_type: match args.queue_type {
+            QueueKind::Classic => QueueType::Classic,
+            QueueKind::Quorum => QueueType::Quorum,
+        },
+        delivery_limit: (args.delivery_limit > 0).then_some(args.delivery_limit),
+        dead_letter_exchange: args.dead_letter_exchange,
+        dead_letter_routing_key: args.dead_letter_routing_key,
         ..ServerOptions::default()
     };
     options.connect.heartbeat = args.heartbeat;
     let max_n = args.max_n;
-    let server = Server::start(&args.broker.url, options, move |request: &[u8]| {
+    let server = Server::start(&args.broker.url_list(), options, move |request: &[u8]| {
         debug!(" [.] fib({})", String::from_utf8_lossy(request).trim());
         fib::handle_request(request, max_n)
     })?;

@@ -5,13 +5,27 @@ use std::process::ExitCode;
 /// The flags that say where the server queue is, shared by both binaries.
 #[derive(clap::Args, Debug)]
 pub struct BrokerArgs {
-    /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS).
-    #[arg(long, env = "AMQP_URL", default_value = amqp_rpc::DEFAULT_URL)]
-    pub url: String,
+    /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS). Give it several
+    /// times (AMQP_URL: comma-separated) for the nodes of a cluster: the first that answers is
+    /// used, and after a connection loss whichever answers next.
+    #[arg(
+        long = "url",
+        env = "AMQP_URL",
+        default_value = amqp_rpc::DEFAULT_URL,
+        value_delimiter = ','
+    )]
+    pub urls: Vec<String>,
 
     /// The server queue.
     #[arg(long, env = "RPC_QUEUE", default_value = amqp_rpc::DEFAULT_QUEUE)]
     pub queue: String,
+}
+
+impl BrokerArgs {
+    /// The URLs as the library takes them: separated by commas.
+    pub fn url_list(&self) -> String {
+        self.urls.join(",")
+    }
 }
 
 /// Sets up `env_logger` (`RUST_LOG`, else `default_level`), runs `run`, and reports its error as
