@@ -124,6 +124,7 @@ pub fn run(
         progress(done.load(Ordering::Relaxed), options.calls);
         thread::sleep(Duration::from_millis(100));
     }
+    progress(done.load(Ordering::Relaxed), options.calls);
     // The run ends when its last thread does, not when this loop next looks.
     let mut finished = started;
     let mut total = Tally::default();

@@ -30,14 +30,21 @@
 //! - [`Client`]: one connection, one channel, one exclusive reply queue. A call publishes the
 //!   request with `reply_to` and a fresh uuid `correlation_id`, then reads replies until the one
 //!   with its `correlation_id` arrives, dropping others. It fails with [`Error::Timeout`] after
-//!   its timeout and at once with [`Error::NoRoute`] when no server queue exists. A client stays
-//!   on the thread that made it; for several threads, make one client per thread.
+//!   its timeout and at once with [`Error::NoRoute`] when no server queue exists.
+//!   [`Client::call_many`] keeps many calls in flight from one thread. A client stays on the
+//!   thread that made it; for several threads, make one client per thread on a
+//!   [`SharedConnection`]. Replies come through an exclusive queue or direct reply-to
+//!   ([`ReplyRoute`]). With [`ClientOptions::retry`], calls cut off by a lost connection are sent
+//!   again after reconnecting.
 //! - [`Server`]: a supervisor thread owns the connection and a pool of worker threads, each with
 //!   its own channel and `qos(1)`. A worker calls the [`Handler`] (bytes in, bytes out),
 //!   publishes the reply, then acks. Handler errors and panics become error replies. Lost
-//!   connections are re-established with backoff.
+//!   connections are re-established with backoff. The queue is classic (as the tutorial's) or
+//!   quorum ([`QueueType`]), with a delivery limit for requests that keep killing servers.
 //! - [`connect`]: opens connections with `TCP_NODELAY`, without which each call waits about
-//!   40 ms on Nagle's algorithm.
+//!   40 ms on Nagle's algorithm. Every URL argument may list several brokers (a cluster's nodes)
+//!   separated by commas: the first that answers is used, and after a loss the next.
+//! - [`bench`](mod@bench): the load generator behind `client --bench`.
 //! - [`fib`]: exact Fibonacci numbers by fast doubling, and the tutorial's handler.
 //!
 //! The wire format is the tutorial's, so peers in other languages interoperate: the request body

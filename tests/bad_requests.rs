@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
-use amqp_rpc::{Error, fib};
+use amqp_rpc::{Error, QueueType, Server, ServerOptions, fib};
 use common::{
     QueueGuard, client_for, declare_queue, raw_connection, ready_messages, start_server,
     unique_queue,
@@ -278,4 +278,66 @@ fn call_many_returns_each_outcome_in_request_order() {
         }
     }
     server.shutdown().unwrap();
+}
+
+#[test]
+fn a_poison_request_on_a_quorum_queue_is_dead_lettered_after_its_delivery_limit() {
+    const LIMIT: u32 = 2;
+    let queue = unique_queue("poison");
+    let graveyard = unique_queue("poison-dead");
+    let _guards = (QueueGuard(queue.clone()), QueueGuard(graveyard.clone()));
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, &graveyard);
+
+    // The server declares the queue; then it goes, and the request meets only "servers" that
+    // die holding it.
+    let options = ServerOptions {
+        queue: queue.clone(),
+        workers: 1,
+        queue_type: QueueType::Quorum,
+        delivery_limit: Some(LIMIT),
+        dead_letter_exchange: Some(String::new()),
+        dead_letter_routing_key: Some(graveyard.clone()),
+        ..ServerOptions::default()
+    };
+    Server::start(&common::require_broker(), options, fib_handler)
+        .unwrap()
+        .shutdown()
+        .unwrap();
+    let properties = AmqpProperties::default().with_reply_to("nobody".into());
+    channel
+        .basic_publish(
+            "",
+            Publish::with_properties(b"30", queue.clone(), properties),
+        )
+        .unwrap();
+
+    let mut deliveries = 0;
+    loop {
+        let mut doomed = raw_connection();
+        let doomed_channel = doomed.open_channel(None).unwrap();
+        doomed_channel.qos(0, 1, false).unwrap();
+        let consumer = doomed_channel
+            .basic_consume(queue.as_str(), ConsumerOptions::default())
+            .unwrap();
+        let received = consumer.receiver().recv_timeout(Duration::from_secs(1));
+        // Dies holding the request: the broker takes it back, unacked.
+        drop(consumer);
+        drop(doomed_channel);
+        drop(doomed);
+        match received {
+            Ok(ConsumerMessage::Delivery(_)) => deliveries += 1,
+            _ => break,
+        }
+        assert!(deliveries <= 10, "the request keeps coming back");
+    }
+    assert_eq!(
+        deliveries,
+        LIMIT as usize + 1,
+        "one delivery and {LIMIT} redeliveries"
+    );
+    assert_eq!(ready_messages(&queue), 0);
+    assert_eq!(ready_messages(&graveyard), 1, "dead-lettered, not lost");
+    connection.close().unwrap();
 }

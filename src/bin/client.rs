@@ -31,7 +31,8 @@ struct Args {
     #[arg(long, env = "RPC_RETRY")]
     retry: bool,
 
-    /// Benchmark instead: make --calls calls of fib(N), check every answer, and print one line
+    /// Benchmark instead: make --calls calls of fib(N), check every answer, and print
+    /// `slowest_us=S connection_errors=C mismatched=M`, then, last, the summary line
     /// `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
     #[arg(long)]
     bench: bool,
@@ -114,6 +115,12 @@ fn run_bench(args: &Args, client: &ClientOptions) -> amqp_rpc::Result<()> {
     if drawn {
         eprintln!();
     }
+    println!(
+        "slowest_us={} connection_errors={} mismatched={}",
+        report.percentile_us(1.0),
+        report.connection_errors,
+        report.mismatched
+    );
     println!("{report}");
     Ok(())
 }

@@ -1,0 +1,189 @@
+//! Scaling out on a real 3-node RabbitMQ cluster started on this machine by
+//! `scripts/cluster up` (nodes rabbit-c1..c3@localhost on 127.0.0.1:5681..5683; `scripts/test`
+//! starts it). Servers on different nodes share the load, and a client under load rides out
+//! the loss of its node: with retry nothing fails, without retry only the calls in flight do.
+//!
+//! These tests stop and start nodes of that cluster, so they run one at a time (a lock), and
+//! never touch the machine's default broker.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use amqp_rpc::bench::{self, BenchOptions, BenchReport};
+use amqp_rpc::{ClientOptions, QueueType, Server, ServerOptions, fib};
+use common::unique_queue;
+
+const NODES: [(&str, u16); 3] = [("c1", 5681), ("c2", 5682), ("c3", 5683)];
+
+/// Cluster tests stop nodes: one at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
+
+fn cluster_lock() -> MutexGuard<'static, ()> {
+    CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn url(node: usize) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{}/%2f", NODES[node].1)
+}
+
+/// All three nodes' URLs, starting with `first`.
+fn urls_from(first: usize) -> String {
+    (0..3)
+        .map(|i| url((first + i) % 3))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn rabbitmqctl(node: usize, args: &[&str]) {
+    let name = format!("rabbit-{}@localhost", NODES[node].0);
+    let output = Command::new("rabbitmqctl")
+        .args(["-q", "-n", &name])
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl -n {name} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Fails, saying how to start it, unless every node of the test cluster accepts connections.
+fn require_cluster() {
+    for (name, port) in NODES {
+        let reachable = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        assert!(
+            reachable,
+            "cluster node {name} is not listening on 127.0.0.1:{port}: start the test cluster with \
+             `scripts/cluster up` (scripts/test does it)"
+        );
+    }
+}
+
+/// Deletes the queue through node c1 when dropped.
+struct ClusterQueue(String);
+
+impl Drop for ClusterQueue {
+    fn drop(&mut self) {
+        if let Ok(mut connection) = amqp_rpc::connect::open(&urls_from(0), &Default::default())
+            && let Ok(channel) = connection.open_channel(None)
+        {
+            let _ = channel.queue_delete(self.0.as_str(), Default::default());
+            let _ = connection.close();
+        }
+    }
+}
+
+fn quorum_server(urls: &str, queue: &str, served: Arc<AtomicUsize>) -> Server {
+    let options = ServerOptions {
+        queue: queue.to_string(),
+        workers: 4,
+        queue_type: QueueType::Quorum,
+        ..ServerOptions::default()
+    };
+    Server::start(urls, options, move |request: &[u8]| {
+        served.fetch_add(1, Ordering::SeqCst);
+        fib::handle_request(request, 10_000)
+    })
+    .expect("start a server on the cluster")
+}
+
+fn bench_options(calls: usize) -> BenchOptions {
+    BenchOptions {
+        calls,
+        threads: 4,
+        inflight: 2,
+        request: b"300".to_vec(),
+        expected_reply: Some(fib::fib(300).to_string().into_bytes()),
+    }
+}
+
+#[test]
+fn servers_on_different_nodes_share_the_load() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-share");
+    let _guard = ClusterQueue(queue.clone());
+    let (on_c1, on_c2) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let first = quorum_server(&url(0), &queue, Arc::clone(&on_c1));
+    let second = quorum_server(&url(1), &queue, Arc::clone(&on_c2));
+
+    let client = ClientOptions {
+        queue: queue.clone(),
+        ..ClientOptions::default()
+    };
+    let report = bench::run(&url(2), &client, &bench_options(2000), |_, _| {}).unwrap();
+    assert_eq!(report.errors, 0, "{report}");
+    let (c1, c2) = (on_c1.load(Ordering::SeqCst), on_c2.load(Ordering::SeqCst));
+    assert_eq!(c1 + c2, 2000);
+    assert!(
+        c1 >= 400 && c2 >= 400,
+        "unfair split: {c1} on c1, {c2} on c2"
+    );
+    first.shutdown().unwrap();
+    second.shutdown().unwrap();
+}
+
+/// Runs a bench from a client connected first to node c1 while c1 is stopped and started
+/// again; the servers start on c2 and c3.
+fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {
+    require_cluster();
+    let queue = unique_queue("cluster-loss");
+    let _guard = ClusterQueue(queue.clone());
+    let served = Arc::new(AtomicUsize::new(0));
+    let first = quorum_server(&urls_from(1), &queue, Arc::clone(&served));
+    let second = quorum_server(&urls_from(2), &queue, Arc::clone(&served));
+    let client = ClientOptions {
+        queue: queue.clone(),
+        timeout: Duration::from_secs(30),
+        retry,
+        ..ClientOptions::default()
+    };
+    let load =
+        thread::spawn(move || bench::run(&urls_from(0), &client, &bench_options(6000), |_, _| {}));
+    thread::sleep(Duration::from_millis(1500));
+    rabbitmqctl(0, &["stop_app"]);
+    thread::sleep(Duration::from_millis(1500));
+    rabbitmqctl(0, &["start_app"]);
+    let report = load.join().unwrap().expect("the bench runs");
+    first.shutdown().unwrap();
+    second.shutdown().unwrap();
+    eprintln!(
+        "retry={retry}: {report} connection_errors={}",
+        report.connection_errors
+    );
+    assert!(
+        report.elapsed > Duration::from_secs(3),
+        "the load ended before the node was back: {report}"
+    );
+    report
+}
+
+#[test]
+fn with_retry_every_call_is_answered_through_a_node_loss() {
+    let _lock = cluster_lock();
+    let report = bench_through_the_loss_of_c1(true);
+    assert_eq!(report.mismatched, 0, "{report}");
+    assert_eq!(report.errors, 0, "{report}");
+}
+
+#[test]
+fn without_retry_only_the_calls_in_flight_on_the_lost_connection_fail() {
+    let _lock = cluster_lock();
+    let report = bench_through_the_loss_of_c1(false);
+    assert_eq!(report.mismatched, 0, "{report}");
+    assert!(report.errors > 0, "the node loss cost nothing? {report}");
+    assert_eq!(report.errors, report.connection_errors, "{report}");
+    // 4 threads with 2 calls in flight each, all on the one connection that was lost.
+    assert!(
+        report.errors <= 8,
+        "more than the calls in flight failed: {report}"
+    );
+}
