@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -41,18 +40,10 @@ fn urls_from(first: usize) -> String {
         .join(",")
 }
 
-fn rabbitmqctl(node: usize, args: &[&str]) {
+/// Runs `rabbitmqctl` against one node of the test cluster.
+fn rabbitmqctl_on(node: usize, args: &[&str]) {
     let name = format!("rabbit-{}@localhost", NODES[node].0);
-    let output = Command::new("rabbitmqctl")
-        .args(["-q", "-n", &name])
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl -n {name} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::rabbitmqctl(&[&["-q", "-n", &name], args].concat());
 }
 
 /// Fails, saying how to start it, unless every node of the test cluster accepts connections.
@@ -149,9 +140,9 @@ fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {
     let load =
         thread::spawn(move || bench::run(&urls_from(0), &client, &bench_options(6000), |_, _| {}));
     thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl(0, &["stop_app"]);
+    rabbitmqctl_on(0, &["stop_app"]);
     thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl(0, &["start_app"]);
+    rabbitmqctl_on(0, &["start_app"]);
     let report = load.join().unwrap().expect("the bench runs");
     first.shutdown().unwrap();
     second.shutdown().unwrap();

@@ -120,21 +120,23 @@ pub fn ready_messages(queue: &str) -> u32 {
     count
 }
 
+/// Runs `rabbitmqctl` with `args`, fails the test if it fails, and returns what it printed.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl (these tests need the broker's own tools)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Has the broker close the connection it names `name` ("127.0.0.1:PORT -> 127.0.0.1:5672"),
 /// as an operator would. Only ever called with names of the test's own connections.
 pub fn broker_closes_connection(name: &str) {
-    let rabbitmqctl = |args: &[&str]| {
-        let output = std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .output()
-            .expect("run rabbitmqctl (these tests need the broker's own tools)");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
     let listing = rabbitmqctl(&[
         "list_connections",
         "pid",
