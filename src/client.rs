@@ -1,8 +1,9 @@
 //! The RPC client: publish a request, then wait on the reply consumer for the matching answer.
 //!
-//! Each [`Client`] owns one connection, one channel and one exclusive, server-named reply queue
-//! that it consumes without acks, as the tutorial's client does. A call publishes the request to
-//! the server queue with `reply_to` set to that reply queue and a fresh uuid as
+//! Each [`Client`] has a channel (on a connection of its own, or on a [`SharedConnection`]) and
+//! an exclusive, server-named reply queue that it consumes without acks, as the tutorial's
+//! client does. A call publishes the request to the server queue with `reply_to` set to that
+//! reply queue and a fresh uuid as
 //! `correlation_id`, then loops over the consumer's messages, dropping every reply whose
 //! `correlation_id` is not the call's own (a late answer to an earlier call that timed out, say).
 //!
@@ -236,9 +237,10 @@ impl Client {
                     pending.iter().map(|_| Err(error.duplicate())).collect()
                 }
             };
+            // A lost connection, or a channel the broker closed, leaves nothing to call on.
             if attempt
                 .iter()
-                .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_))))
+                .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_) | Error::Amqp(_))))
             {
                 self.session = None;
             }

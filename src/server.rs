@@ -23,8 +23,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
-    FieldTable, Publish, QueueDeclareOptions,
+    AmqpProperties, AmqpValue, Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions,
+    Delivery, FieldTable, Publish, QueueDeclareOptions,
 };
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
@@ -369,19 +369,18 @@ impl<H: Handler> Supervisor<H> {
 
         match failure {
             None => {
-                // Shutdown: each worker finishes its request, acks, cancels and returns.
-                let mut failure = None;
+                // Shutdown: each worker finishes its request, acks, cancels and returns. One
+                // that fails now leaves its request unacked, for the broker to redeliver.
                 for outcome in ended.iter() {
                     if let Err(error) = outcome {
-                        failure.get_or_insert(error);
+                        warn!("a worker failed while stopping: {}", error.chain());
                     }
                 }
                 join_all(workers);
-                let closed = connection.close().map_err(Error::from);
-                match failure {
-                    Some(error) => Ok(SessionEnd::Lost(error)),
-                    None => closed.map(|()| SessionEnd::Stopped),
+                if let Err(error) = connection.close() {
+                    warn!("closing the connection failed: {error}");
                 }
+                Ok(SessionEnd::Stopped)
             }
             Some(error) => {
                 // Closing the connection ends the other workers; their unacked requests go back
@@ -506,23 +505,19 @@ impl<H: Handler> Worker<H> {
                 recv(self.stop) -> _ => break None,
             }
         };
-        if let Some(error) = failure {
-            // The consumer's connection is gone: nothing left to cancel.
-            std::mem::drop(consumer);
-            return Err(error);
-        }
-        consumer.cancel()?;
-        // Deliveries can race the cancel; hand them back to the queue for another server.
-        for message in deliveries.iter() {
-            match message {
-                ConsumerMessage::Delivery(delivery) => consumer.nack(delivery, true)?,
-                ConsumerMessage::ClientCancelled => break,
-                _ => break,
+        // Dropping a consumer before the broker confirms its cancel can kill the connection
+        // (shared/amiquip-notes.md). After a failure the cancel usually fails at once, on a dead
+        // connection; that is fine, the supervisor closes it anyway.
+        let cancelled = cancel_and_requeue(&consumer, &deliveries);
+        drop(consumer);
+        match failure {
+            Some(error) => Err(error),
+            None => {
+                cancelled?;
+                self.channel.close()?;
+                Ok(())
             }
         }
-        drop(consumer);
-        self.channel.close()?;
-        Ok(())
     }
 
     /// Answers one request, then acks it.
@@ -575,6 +570,22 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Cancels `consumer` and reads `deliveries` until the broker confirms the cancel (or the
+/// channel ends, or 5 s pass). Deliveries that raced the cancel go back to the queue, for
+/// another worker or server.
+fn cancel_and_requeue(consumer: &Consumer, deliveries: &Receiver<ConsumerMessage>) -> Result<()> {
+    consumer.cancel()?;
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while let Ok(message) = deliveries.recv_deadline(give_up) {
+        match message {
+            ConsumerMessage::Delivery(delivery) => consumer.nack(delivery, true)?,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// The text of a panic's payload, when it has one.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
         (*text).to_string()
