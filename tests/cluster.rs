@@ -122,6 +122,56 @@ fn servers_on_different_nodes_share_the_load() {
     second.shutdown().unwrap();
 }
 
+#[test]
+fn a_server_rides_out_a_restart_of_its_only_broker_and_declares_its_queue_again() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-restart");
+    let _guard = ClusterQueue(queue.clone());
+    // A classic, non-durable queue, as the tutorial declares it: the restart deletes it.
+    let options = ServerOptions {
+        queue: queue.clone(),
+        workers: 2,
+        max_reconnect_delay: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let server = Server::start(&url(0), options, |request: &[u8]| {
+        fib::handle_request(request, 1000)
+    })
+    .unwrap();
+    let client_options = ClientOptions {
+        queue: queue.clone(),
+        timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    };
+    let mut client = amqp_rpc::Client::with_options(&url(1), client_options).unwrap();
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+
+    rabbitmqctl_on(0, &["stop_app"]);
+    // The queue lived on c1: while c1 is down, nobody has declared it.
+    assert!(matches!(
+        client.call(b"10"),
+        Err(amqp_rpc::Error::NoRoute { .. })
+    ));
+    rabbitmqctl_on(0, &["start_app"]);
+
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let answered = loop {
+        match client.call(b"10") {
+            Ok(reply) => break reply,
+            Err(error) => {
+                assert!(
+                    std::time::Instant::now() < give_up,
+                    "never served again: {error}"
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert_eq!(answered, b"55");
+    server.shutdown().unwrap();
+}
+
 /// Runs a bench from a client connected first to node c1 while c1 is stopped and started
 /// again; the servers start on c2 and c3.
 fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {

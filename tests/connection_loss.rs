@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions, Error, fib};
+use amqp_rpc::{Client, ClientOptions, Error, Server, ServerOptions, fib};
 use common::proxy::FaultProxy;
 use common::{
     QueueGuard, broker_closes_connection, client_at, client_for, require_broker, start_server,
@@ -136,6 +136,30 @@ fn a_server_whose_connection_the_broker_closes_reconnects_and_serves_again() {
     }
     assert!(eventually_answers(&mut client, Duration::from_secs(15)));
     assert_eq!(proxy.connections(), 2, "the server connected again");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_server_whose_broker_goes_silent_notices_by_heartbeats_and_reconnects() {
+    let queue = unique_queue("server-silent");
+    let _guard = QueueGuard(queue.clone());
+    let proxy = FaultProxy::start(&require_broker());
+    let mut options = ServerOptions {
+        queue: queue.clone(),
+        workers: 2,
+        ..ServerOptions::default()
+    };
+    options.connect.heartbeat = 1;
+    let server = Server::start(&proxy.url(), options, slow_or_fib).unwrap();
+    let mut client = client_for(&queue, Duration::from_secs(5));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+
+    // Silence without a close: only missed heartbeats can tell the server.
+    proxy.freeze();
+    thread::sleep(Duration::from_secs(4));
+    proxy.thaw();
+    assert!(eventually_answers(&mut client, Duration::from_secs(20)));
+    assert!(proxy.connections() >= 2, "the server connected again");
     server.shutdown().unwrap();
 }
 

@@ -95,6 +95,11 @@ impl FaultProxy {
         self.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// Forwards bytes again after [`FaultProxy::freeze`].
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
     /// The broker's names for the live connections made through this proxy, as
     /// `rabbitmqctl list_connections name` prints them ("127.0.0.1:PORT -> 127.0.0.1:5672").
     pub fn broker_connection_names(&self) -> Vec<String> {
