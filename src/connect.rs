@@ -229,6 +229,11 @@ pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result
             url_for_display(address),
             address.username
         )),
+        // Usually a certificate the system does not trust: set SSL_CERT_FILE to its CA.
+        amiquip::Error::TlsHandshake { source } => Error::Config(format!(
+            "TLS handshake with {} failed: {source}",
+            url_for_display(address)
+        )),
         other => Error::Amqp(Box::new(other)),
     })?;
     debug!("connected to {}", url_for_display(address));

@@ -228,3 +228,61 @@ fn without_retry_only_the_calls_in_flight_on_the_lost_connection_fail() {
         "more than the calls in flight failed: {report}"
     );
 }
+
+#[test]
+fn amqps_works_with_a_trusted_certificate_and_fails_clearly_without() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-tls");
+    let _guard = ClusterQueue(queue.clone());
+    let ca = format!(
+        "{}/tls/ca.pem",
+        std::env::var("CLUSTER_DIR").unwrap_or_else(|_| "/tmp/amqp-rpc-cluster".into())
+    );
+    assert!(
+        std::path::Path::new(&ca).exists(),
+        "no test CA at {ca}: scripts/cluster up makes it"
+    );
+    let options = ServerOptions {
+        queue: queue.clone(),
+        workers: 2,
+        ..ServerOptions::default()
+    };
+    let server = Server::start(&url(0), options, |request: &[u8]| {
+        fib::handle_request(request, 1000)
+    })
+    .unwrap();
+
+    let client = |trust: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_client"));
+        command.args([
+            "--url",
+            "amqps://guest:guest@localhost:5691/%2f",
+            "--queue",
+            &queue,
+            "30",
+        ]);
+        if let Some(ca) = trust {
+            command.env("SSL_CERT_FILE", ca);
+        }
+        command.output().unwrap()
+    };
+    let trusted = client(Some(&ca));
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert!(String::from_utf8_lossy(&trusted.stdout).contains(" [.] Got 832040"));
+
+    let untrusted = client(None);
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success());
+    assert!(
+        stderr.starts_with(
+            "error: invalid configuration: TLS handshake with amqps://guest@localhost:5691 failed"
+        ) && stderr.contains("certificate verify failed"),
+        "{stderr}"
+    );
+    server.shutdown().unwrap();
+}
