@@ -3,7 +3,6 @@
 mod common;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use amqp_rpc::{QueueType, Server, ServerOptions, fib, server};
 use clap::Parser;
@@ -80,6 +79,10 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         ..ServerOptions::default()
     };
     options.connect.heartbeat = args.heartbeat;
+    // Installed first, so that a signal during start-up is not lost: it stops the server as
+    // soon as it has started.
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| amqp_rpc::Error::Config(format!("cannot install signal handlers: {e}")))?;
     let max_n = args.max_n;
     let server = Server::start(&args.broker.url_list(), options, move |request: &[u8]| {
         debug!(" [.] fib({})", String::from_utf8_lossy(request).trim());
@@ -87,8 +90,6 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     })?;
     println!(" [x] Awaiting RPC requests");
 
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| amqp_rpc::Error::Config(format!("cannot install signal handlers: {e}")))?;
     let shutdown = server.shutdown_handle();
     std::thread::spawn(move || {
         let mut received = signals.forever();
@@ -100,8 +101,5 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
             std::process::exit(128 + signal);
         }
     });
-    let outcome = server.wait();
-    // Let the logger flush what the shutdown wrote before the process ends.
-    std::thread::sleep(Duration::from_millis(10));
-    outcome
+    server.wait()
 }
