@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
 use amqp_rpc::{Error, QueueType, Server, ServerOptions, fib};
 use common::{
-    QueueGuard, client_for, declare_queue, raw_connection, ready_messages, start_server,
-    unique_queue,
+    QueueGuard, ReplyId, client_for, declare_queue, raw_connection, ready_messages, scripted_peer,
+    start_server, unique_queue,
 };
 
 const MAX_N: u64 = 1000;
@@ -205,44 +205,14 @@ fn a_request_nobody_served_in_time_expires_on_the_broker() {
 fn a_duplicate_reply_is_ignored() {
     let queue = unique_queue("duplicate");
     let _guard = QueueGuard(queue.clone());
-    let mut connection = raw_connection();
-    let channel = connection.open_channel(None).unwrap();
-    declare_queue(&channel, &queue);
-
-    // A peer that answers its first request twice (as after a redelivery) and the second once.
-    let peer_queue = queue.clone();
-    let peer = thread::spawn(move || {
-        let consumer = channel
-            .basic_consume(peer_queue.as_str(), ConsumerOptions::default())
-            .unwrap();
-        let deliveries = consumer.receiver().clone();
-        for (copies, answer) in [(2, &b"first"[..]), (1, b"second")] {
-            let ConsumerMessage::Delivery(request) = deliveries.recv().unwrap() else {
-                panic!("expected a request");
-            };
-            let reply_to = request.properties.reply_to().clone().unwrap();
-            let id = request.properties.correlation_id().clone().unwrap();
-            for _ in 0..copies {
-                let properties = AmqpProperties::default().with_correlation_id(id.clone());
-                channel
-                    .basic_publish(
-                        "",
-                        Publish::with_properties(answer, reply_to.clone(), properties),
-                    )
-                    .unwrap();
-            }
-            consumer.ack(request).unwrap();
-        }
-        consumer.cancel().unwrap();
-        for message in deliveries.iter() {
-            if matches!(message, ConsumerMessage::ClientCancelled) {
-                break;
-            }
-        }
-        drop(consumer);
-        connection.close().unwrap();
-    });
-
+    // The first request is answered twice (as after a redelivery), the second once.
+    let peer = scripted_peer(
+        &queue,
+        vec![
+            vec![(ReplyId::Own, b"first"), (ReplyId::Own, b"first")],
+            vec![(ReplyId::Own, b"second")],
+        ],
+    );
     let mut client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"1").unwrap(), b"first");
     assert_eq!(client.call(b"2").unwrap(), b"second");

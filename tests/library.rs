@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
 use amqp_rpc::{
     Client, ClientOptions, ConnectOptions, Error, ReplyRoute, Server, ServerOptions,
     SharedConnection, fib,
 };
 use common::{
-    QueueGuard, client_for, declare_queue, raw_connection, require_broker, start_fib_server,
-    unique_queue,
+    QueueGuard, ReplyId, client_for, declare_queue, raw_connection, require_broker, scripted_peer,
+    start_fib_server, unique_queue,
 };
 
 #[test]
@@ -40,54 +39,17 @@ fn round_trip_through_the_library() {
 fn a_reply_with_a_strangers_correlation_id_is_dropped() {
     let queue = unique_queue("stranger");
     let _guard = QueueGuard(queue.clone());
-    let mut connection = raw_connection();
-    let channel = connection.open_channel(None).unwrap();
-    declare_queue(&channel, &queue);
-    let strangers_sent = Arc::new(AtomicUsize::new(0));
-
-    // A server that answers each request twice: first as if to somebody else, then truly.
-    let peer_queue = queue.clone();
-    let peer_count = Arc::clone(&strangers_sent);
-    let peer = thread::spawn(move || {
-        let consumer = channel
-            .basic_consume(peer_queue.as_str(), ConsumerOptions::default())
-            .unwrap();
-        let deliveries = consumer.receiver().clone();
-        let ConsumerMessage::Delivery(request) = deliveries.recv().unwrap() else {
-            panic!("expected a request");
-        };
-        let reply_to = request.properties.reply_to().clone().unwrap();
-        let own_id = request.properties.correlation_id().clone().unwrap();
-        for (id, body) in [
-            ("somebody-else", &b"wrong"[..]),
-            (own_id.as_str(), b"right"),
-        ] {
-            let properties = AmqpProperties::default().with_correlation_id(id.to_string());
-            channel
-                .basic_publish(
-                    "",
-                    Publish::with_properties(body, reply_to.clone(), properties),
-                )
-                .unwrap();
-            if id == "somebody-else" {
-                peer_count.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        consumer.ack(request).unwrap();
-        consumer.cancel().unwrap();
-        for message in deliveries.iter() {
-            if matches!(message, ConsumerMessage::ClientCancelled) {
-                break;
-            }
-        }
-        drop(consumer);
-        connection.close().unwrap();
-    });
-
+    // A server that answers as if to somebody else first, then truly.
+    let peer = scripted_peer(
+        &queue,
+        vec![vec![
+            (ReplyId::Other("somebody-else"), b"wrong"),
+            (ReplyId::Own, b"right"),
+        ]],
+    );
     let mut client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"anything").unwrap(), b"right");
     peer.join().unwrap();
-    assert_eq!(strangers_sent.load(Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -10,7 +10,10 @@ use std::time::Duration;
 pub mod process;
 pub mod proxy;
 
-use amiquip::{Channel, Connection, QueueDeclareOptions, QueueDeleteOptions};
+use amiquip::{
+    AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Publish,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
 use amqp_rpc::connect::{self, BrokerAddress, ConnectOptions};
 use amqp_rpc::{Client, ClientOptions, Handler, Server, ServerOptions, fib};
 
@@ -173,4 +176,60 @@ pub fn python_with_pika() -> String {
 /// The path of one of the pika peer scripts in `tests/pika/`.
 pub fn pika_script(name: &str) -> String {
     format!("{}/tests/pika/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Which correlation id a scripted reply carries.
+pub enum ReplyId {
+    /// The request's own.
+    Own,
+    /// Somebody else's.
+    Other(&'static str),
+}
+
+/// A hand-written server on `queue` (declared here) that answers its i-th request with the
+/// replies of `script[i]`, in order, acks it, and stops after the last.
+pub fn scripted_peer(
+    queue: &str,
+    script: Vec<Vec<(ReplyId, &'static [u8])>>,
+) -> std::thread::JoinHandle<()> {
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    declare_queue(&channel, queue);
+    let queue = queue.to_string();
+    std::thread::spawn(move || {
+        let consumer = channel
+            .basic_consume(queue.as_str(), ConsumerOptions::default())
+            .unwrap();
+        let deliveries = consumer.receiver().clone();
+        for replies in script {
+            let ConsumerMessage::Delivery(request) = deliveries.recv().unwrap() else {
+                panic!("expected a request");
+            };
+            let reply_to = request.properties.reply_to().clone().unwrap();
+            let own_id = request.properties.correlation_id().clone().unwrap();
+            for (id, body) in replies {
+                let id = match id {
+                    ReplyId::Own => own_id.clone(),
+                    ReplyId::Other(other) => other.to_string(),
+                };
+                let properties = AmqpProperties::default().with_correlation_id(id);
+                channel
+                    .basic_publish(
+                        "",
+                        Publish::with_properties(body, reply_to.clone(), properties),
+                    )
+                    .unwrap();
+            }
+            consumer.ack(request).unwrap();
+        }
+        // The safe end of a consumer (shared/amiquip-notes.md): cancel, read until confirmed.
+        consumer.cancel().unwrap();
+        for message in deliveries.iter() {
+            if matches!(message, ConsumerMessage::ClientCancelled) {
+                break;
+            }
+        }
+        drop(consumer);
+        connection.close().unwrap();
+    })
 }

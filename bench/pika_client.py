@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
-"""The pika side of the benchmark: the RabbitMQ tutorial's RPC server and client on pika 1.x.
+"""The pika client of the benchmark: the RabbitMQ tutorial's FibonacciRpcClient on pika 1.x.
 
-    pika_peer.py server URL QUEUE
-    pika_peer.py client URL QUEUE CALLS THREADS INFLIGHT N
+    pika_client.py URL QUEUE CALLS THREADS INFLIGHT N
 
-The server is the tutorial's (recursive fib, qos 1, ack after reply). The client is the
-tutorial's FibonacciRpcClient, run on THREADS threads with a connection each (pika connections
-are not thread-safe), sending INFLIGHT requests before waiting for their replies, and prints
-`calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z` as `client --bench` does.
+Runs on THREADS threads with a connection each (pika connections are not thread-safe), sends
+INFLIGHT requests before waiting for their replies, and prints
+`calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z` as `client --bench` does. The server it
+calls is the tutorial's, tests/pika/rpc_server.py.
 """
 import math
 import sys
@@ -16,34 +15,6 @@ import time
 import uuid
 
 import pika
-
-
-def fib(n):
-    if n == 0:
-        return 0
-    if n == 1:
-        return 1
-    return fib(n - 1) + fib(n - 2)
-
-
-def serve(url, queue):
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    channel.queue_declare(queue=queue)
-
-    def on_request(ch, method, props, body):
-        ch.basic_publish(
-            exchange="",
-            routing_key=props.reply_to,
-            properties=pika.BasicProperties(correlation_id=props.correlation_id),
-            body=str(fib(int(body))),
-        )
-        ch.basic_ack(delivery_tag=method.delivery_tag)
-
-    channel.basic_qos(prefetch_count=1)
-    channel.basic_consume(queue=queue, on_message_callback=on_request)
-    print("ready", flush=True)
-    channel.start_consuming()
 
 
 class FibonacciRpcClient:
@@ -114,9 +85,6 @@ def run_client(url, queue, calls, threads, inflight, n):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "server":
-        serve(sys.argv[2], sys.argv[3])
-    else:
-        url, queue = sys.argv[2], sys.argv[3]
-        calls, threads, inflight, n = (int(a) for a in sys.argv[4:8])
-        run_client(url, queue, calls, threads, inflight, n)
+    url, queue = sys.argv[1], sys.argv[2]
+    calls, threads, inflight, n = (int(a) for a in sys.argv[3:7])
+    run_client(url, queue, calls, threads, inflight, n)
