@@ -292,7 +292,8 @@ fn a_poison_request_on_a_quorum_queue_is_dead_lettered_after_its_delivery_limit(
             .basic_consume(queue.as_str(), ConsumerOptions::default())
             .unwrap();
         let received = consumer.receiver().recv_timeout(Duration::from_secs(1));
-        // Dies holding the request: the broker takes it back, unacked.
+        // Dies holding the request, as a crashed server would: the whole connection goes with
+        // it (so no cancel first), and the broker takes the request back, unacked.
         drop(consumer);
         drop(doomed_channel);
         drop(doomed);

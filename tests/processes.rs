@@ -94,7 +94,8 @@ fn a_second_signal_exits_at_once() {
     let _ = client.call_with_timeout(b"20000000", Duration::from_millis(100));
     wait_until_taken(&queue);
 
-    send_signal(&server.0, "TERM");
+    // Ctrl-C first, as a person at a terminal would, then a SIGTERM.
+    send_signal(&server.0, "INT");
     thread::sleep(Duration::from_millis(200));
     assert!(
         server.0.try_wait().unwrap().is_none(),
