@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::process::{our_client, our_server, send_signal, spawn_until_ready, text};
 use common::{
     QueueGuard, broker_url, client_for, pika_script, python_with_pika, start_fib_server,
-    unique_queue,
+    start_server, unique_queue,
 };
 
 #[test]
@@ -158,6 +158,42 @@ fn the_bench_mode_prints_its_summary_line_last() {
     let [calls, errors, per_second, p50, p99] = bench_figures(stdout.lines().last().unwrap());
     assert_eq!((calls, errors), (203.0, 0.0));
     assert!(per_second > 0.0 && p50 > 0.0 && p99 >= p50);
+    assert!(
+        !stderr.contains("calls\r") && !stderr.contains('['),
+        "no progress bar off a terminal"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn the_bench_mode_draws_a_progress_bar_on_a_terminal_when_it_runs_long() {
+    let queue = unique_queue("bench-progress");
+    let _guard = QueueGuard(queue.clone());
+    // Sequential calls of at least 5 ms each: 300 of them last well over the one second after
+    // which the bar appears, however fast the machine.
+    let server = start_server(&queue, 2, |request: &[u8]| {
+        std::thread::sleep(Duration::from_millis(5));
+        amqp_rpc::fib::handle_request(request, 100)
+    });
+    // `script` gives the client a terminal.
+    let command = format!(
+        "{} --url '{}' --queue '{}' --bench --calls 300 10",
+        env!("CARGO_BIN_EXE_client"),
+        broker_url(),
+        queue
+    );
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let (screen, _) = text(&output);
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.contains("] 300/300 calls"),
+        "no finished bar: {screen:?}"
+    );
+    assert!(screen.contains("calls=300 errors=0"), "{screen:?}");
     server.shutdown().unwrap();
 }
 
