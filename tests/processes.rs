@@ -35,16 +35,32 @@ fn wait_until_taken(queue: &str) {
 }
 
 #[test]
-fn the_client_binary_prints_a_server_error_and_exits_nonzero() {
+fn a_refused_request_is_logged_by_the_server_and_reported_by_the_client() {
     let queue = unique_queue("binary-remote-error");
     let _guard = QueueGuard(queue.clone());
-    let _server = start_server_process(&queue, &["--max-n", "50"]);
+    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
+    let mut command = our_server(&queue);
+    command
+        .args(["--max-n", "50"])
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut server = spawn_until_ready(command, READY);
+
     let output = our_client(&queue, &["51"]);
     let (_, stderr) = text(&output);
     assert!(!output.status.success());
     assert_eq!(
         stderr.trim(),
         "error: server error: n=51 is larger than this server's limit of 50"
+    );
+
+    send_signal(&server.0, "TERM");
+    assert!(server.0.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains("limit of 50")),
+        "the server logs the refused request at warn:\n{log}"
     );
 }
 

@@ -19,7 +19,6 @@ impl Drop for Running {
 pub fn spawn_until_ready(mut command: Command, ready_line: &str) -> Running {
     let mut child = command
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start the process");
     let stdout = child.stdout.take().unwrap();
