@@ -13,7 +13,7 @@ use amqp_rpc::{Client, ClientOptions, Error, Server, ServerOptions, fib};
 use common::proxy::FaultProxy;
 use common::{
     QueueGuard, broker_closes_connection, client_at, client_for, require_broker, start_server,
-    start_server_at, unique_queue,
+    unique_queue,
 };
 
 /// Answers `n` with fib(n), but takes two seconds over the request `slow`.
@@ -107,41 +107,10 @@ fn eventually_answers(client: &mut Client, within: Duration) -> bool {
     false
 }
 
-#[test]
-fn a_server_whose_connection_is_cut_reconnects_and_serves_again() {
-    let queue = unique_queue("server-cut");
-    let _guard = QueueGuard(queue.clone());
-    let proxy = FaultProxy::start(&require_broker());
-    let server = start_server_at(&proxy.url(), &queue, 2, slow_or_fib);
-    let mut client = client_for(&queue, Duration::from_secs(5));
-    assert_eq!(client.call(b"10").unwrap(), b"55");
-
-    proxy.cut_all();
-    assert!(eventually_answers(&mut client, Duration::from_secs(15)));
-    assert_eq!(proxy.connections(), 2, "the server connected again");
-    server.shutdown().unwrap();
-}
-
-#[test]
-fn a_server_whose_connection_the_broker_closes_reconnects_and_serves_again() {
-    let queue = unique_queue("server-closed");
-    let _guard = QueueGuard(queue.clone());
-    let proxy = FaultProxy::start(&require_broker());
-    let server = start_server_at(&proxy.url(), &queue, 2, slow_or_fib);
-    let mut client = client_for(&queue, Duration::from_secs(5));
-    assert_eq!(client.call(b"10").unwrap(), b"55");
-
-    for name in proxy.broker_connection_names() {
-        broker_closes_connection(&name);
-    }
-    assert!(eventually_answers(&mut client, Duration::from_secs(15)));
-    assert_eq!(proxy.connections(), 2, "the server connected again");
-    server.shutdown().unwrap();
-}
-
-#[test]
-fn a_server_whose_broker_goes_silent_notices_by_heartbeats_and_reconnects() {
-    let queue = unique_queue("server-silent");
+/// Starts a server (heartbeat 1 s) whose connection goes through a proxy, checks that it
+/// serves, breaks its connection with `break_it`, and checks that it connects again and serves.
+fn assert_server_recovers(purpose: &str, break_it: impl FnOnce(&FaultProxy)) {
+    let queue = unique_queue(purpose);
     let _guard = QueueGuard(queue.clone());
     let proxy = FaultProxy::start(&require_broker());
     let mut options = ServerOptions {
@@ -154,13 +123,34 @@ fn a_server_whose_broker_goes_silent_notices_by_heartbeats_and_reconnects() {
     let mut client = client_for(&queue, Duration::from_secs(5));
     assert_eq!(client.call(b"10").unwrap(), b"55");
 
-    // Silence without a close: only missed heartbeats can tell the server.
-    proxy.freeze();
-    thread::sleep(Duration::from_secs(4));
-    proxy.thaw();
+    break_it(&proxy);
     assert!(eventually_answers(&mut client, Duration::from_secs(20)));
     assert!(proxy.connections() >= 2, "the server connected again");
     server.shutdown().unwrap();
+}
+
+#[test]
+fn a_server_whose_connection_is_cut_reconnects_and_serves_again() {
+    assert_server_recovers("server-cut", FaultProxy::cut_all);
+}
+
+#[test]
+fn a_server_whose_connection_the_broker_closes_reconnects_and_serves_again() {
+    assert_server_recovers("server-closed", |proxy| {
+        for name in proxy.broker_connection_names() {
+            broker_closes_connection(&name);
+        }
+    });
+}
+
+#[test]
+fn a_server_whose_broker_goes_silent_notices_by_heartbeats_and_reconnects() {
+    // Silence without a close: only missed heartbeats can tell.
+    assert_server_recovers("server-silent", |proxy| {
+        proxy.freeze();
+        thread::sleep(Duration::from_secs(4));
+        proxy.thaw();
+    });
 }
 
 #[test]

@@ -75,17 +75,12 @@ pub fn declare_queue(channel: &Channel, queue: &str) {
 
 /// Starts a server with `handler` on `queue` with `workers` workers.
 pub fn start_server<H: Handler>(queue: &str, workers: usize, handler: H) -> Server {
-    start_server_at(&require_broker(), queue, workers, handler)
-}
-
-/// Starts a server with `handler` on `queue` of the broker at `url`.
-pub fn start_server_at<H: Handler>(url: &str, queue: &str, workers: usize, handler: H) -> Server {
     let options = ServerOptions {
         queue: queue.to_string(),
         workers,
         ..ServerOptions::default()
     };
-    Server::start(url, options, handler).expect("start the server")
+    Server::start(&require_broker(), options, handler).expect("start the server")
 }
 
 /// Starts a Fibonacci server on `queue` with `workers` workers.
