@@ -182,9 +182,11 @@ impl Brokers {
 ///
 /// # Errors
 ///
-/// [`Error::Config`] for a bad URL, [`Error::Connect`] when no TCP connection can be made within
-/// the timeout, and [`Error::Amqp`] when the broker refuses the handshake (bad credentials, an
-/// unknown vhost) or TLS fails; with several URLs, the last one's error.
+/// [`Error::Config`] for a bad URL, refused credentials or a failed TLS handshake;
+/// [`Error::Connect`] when no TCP connection or AMQP handshake completes within the timeout;
+/// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
+/// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost). With several URLs, the last
+/// one's error.
 pub fn open(urls: &str, options: &ConnectOptions) -> Result<Connection> {
     Brokers::parse(urls)?.connect(options)
 }
@@ -234,7 +236,16 @@ pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result
             "TLS handshake with {} failed: {source}",
             url_for_display(address)
         )),
-        other => Error::Amqp(Box::new(other)),
+        amiquip::Error::ConnectionTimeout => Error::Connect {
+            addr: url_for_display(address),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the AMQP handshake did not complete in time",
+            ),
+        },
+        // A broker that drops the connection mid-handshake (while it restarts, say) counts as a
+        // lost connection, which retrying callers try again; other refusals are AMQP errors.
+        other => Error::from_amqp(other),
     })?;
     debug!("connected to {}", url_for_display(address));
     Ok(connection)
