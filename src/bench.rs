@@ -1,9 +1,9 @@
 //! A load generator: many calls from several threads, with several in flight per thread.
 //!
 //! Used by `client --bench`. Each thread has its own [`Client`], all on one
-//! [`SharedConnection`], the way a program with many calling threads should; with `inflight` above 1 a thread
-//! sends its calls in batches of that size with [`Client::call_many`], and every call of a batch
-//! is counted with the batch's latency. Errors are counted, not fatal: a call that fails is
+//! [`SharedConnection`], the way a program with many calling threads should. With `inflight`
+//! above 1 a thread sends its calls in batches of that size with [`Client::call_many`], and
+//! every call of a batch is counted with the batch's latency. Errors are counted, not fatal: a call that fails is
 //! followed by the next (which reconnects if the connection was lost).
 
 use std::fmt;
@@ -21,7 +21,7 @@ use crate::shared::SharedConnection;
 pub struct BenchOptions {
     /// Calls in all, shared out between the threads.
     pub calls: usize,
-    /// Threads, each with its own client and connection.
+    /// Threads, each with its own client (and channel) on one shared connection.
     pub threads: usize,
     /// Calls each thread keeps in flight at once.
     pub inflight: usize,
