@@ -3,9 +3,9 @@
 //! Each [`Client`] has a channel (on a connection of its own, or on a [`SharedConnection`]) and
 //! an exclusive, server-named reply queue that it consumes without acks, as the tutorial's
 //! client does. A call publishes the request to the server queue with `reply_to` set to that
-//! reply queue and a fresh uuid as
-//! `correlation_id`, then loops over the consumer's messages, dropping every reply whose
-//! `correlation_id` is not the call's own (a late answer to an earlier call that timed out, say).
+//! reply queue and a fresh uuid as `correlation_id`, then loops over the consumer's messages,
+//! dropping every reply whose `correlation_id` is not awaited (a late answer to an earlier
+//! call that timed out, say).
 //!
 //! The request is published `mandatory`, so a request that no queue can take comes back at once
 //! as [`Error::NoRoute`]; it also carries an `expiration` equal to the call's timeout, so the
@@ -15,32 +15,33 @@
 //! default) or through RabbitMQ's direct reply-to pseudo-queue ([`ReplyRoute`]), which saves
 //! the broker a queue per client. The server does not need to know which.
 //!
+//! Every call, single or batched, goes through one loop ([`Client::send_many`]): the calls not
+//! yet answered are published on the current session, their replies collected until each is
+//! answered or its own deadline passes, and, when the session breaks and retry is on, the
+//! unanswered ones are sent again on the next session.
+//!
 //! A `Client` is used from the thread that made it (its amiquip channel and consumer are not
 //! `Send`). For many threads, give each its own `Client`: either each with a connection of its
-//! own ([`Client::with_options`]), or all on one [`SharedConnection`], which is faster when
-//! there are more threads than cores.
+//! own ([`Client::with_options`]), or all on one [`SharedConnection`]
+//! ([`Client::on_shared`]), which is faster when there are more threads than cores.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions,
-    Delivery, Publish, QueueDeclareOptions, Return,
+    Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions,
+    Return,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, select};
-use log::{debug, trace, warn};
+use log::{debug, trace};
 use num_bigint::BigUint;
 use uuid::Uuid;
 
 use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, Result};
+use crate::message::{Call, Reply};
 use crate::shared::SharedConnection;
-
-/// The server queue the tutorial uses.
-pub const DEFAULT_QUEUE: &str = "rpc_queue";
-
-/// The reply header in which a server puts an error message instead of a result.
-pub const ERROR_HEADER: &str = "error";
+use crate::wire::{self, DEFAULT_QUEUE, DIRECT_REPLY_TO};
 
 /// How a [`Client`] connects and calls.
 #[derive(Clone, Debug)]
@@ -48,8 +49,8 @@ pub struct ClientOptions {
     /// The queue the server consumes, used as the routing key on the default exchange.
     /// Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
     pub queue: String,
-    /// How long [`Client::call`] waits for a reply before it returns [`Error::Timeout`].
-    /// Default: 10 s.
+    /// How long a call waits for its reply before it returns [`Error::Timeout`], unless the
+    /// call sets its own ([`Call::with_timeout`]). Default: 10 s.
     pub timeout: Duration,
     /// Whether a request whose connection is lost before its reply arrives is sent again once
     /// the client has reconnected, within the call's timeout. Default: `false`.
@@ -95,9 +96,6 @@ fn is_retryable(error: &Error) -> bool {
     matches!(error, Error::ConnectionLost(_) | Error::Connect { .. })
 }
 
-/// The pseudo-queue of RabbitMQ's direct reply-to.
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
 self_cell::self_cell!(
     /// A channel together with the reply consumer that borrows it.
     struct ReplyChannel {
@@ -107,7 +105,16 @@ self_cell::self_cell!(
     }
 );
 
-/// A blocking RPC client. See the [module documentation](self) for how a call works.
+/// A blocking RPC client.
+///
+/// It has a channel (on a connection of its own, or on a [`SharedConnection`]) and a reply
+/// queue. A call publishes the request to the server queue `mandatory`, with `reply_to`, a
+/// fresh uuid `correlation_id` and an `expiration` equal to its timeout, then reads the reply
+/// consumer, dropping every reply whose `correlation_id` is not awaited, until its own reply,
+/// a returned request ([`Error::NoRoute`]) or its timeout ([`Error::Timeout`]).
+///
+/// A `Client` stays on the thread that made it: for many threads, one client per thread on a
+/// [`SharedConnection`] ([`Client::on_shared`]).
 pub struct Client {
     source: Source,
     options: ClientOptions,
@@ -159,9 +166,15 @@ impl Client {
         Client::from_source(Source::Own(Brokers::parse(url)?), options)
     }
 
-    /// A client on a channel of `shared`; see [`SharedConnection::client`].
-    pub(crate) fn on_shared(shared: SharedConnection, options: ClientOptions) -> Result<Client> {
-        Client::from_source(Source::Shared(shared), options)
+    /// Makes a client on a channel of `shared`, for use on the calling thread.
+    /// `options.connect` is not used: the connection is already made.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Client::with_options`] when the shared connection had to be made again, and
+    /// [`Error::Amqp`] when the broker refuses the channel or the reply queue.
+    pub fn on_shared(shared: &SharedConnection, options: ClientOptions) -> Result<Client> {
+        Client::from_source(Source::Shared(shared.clone()), options)
     }
 
     fn from_source(source: Source, options: ClientOptions) -> Result<Client> {
@@ -183,98 +196,121 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// See [`Client::call_with_timeout`].
+    /// See [`Client::send`].
     pub fn call(&mut self, request: &[u8]) -> Result<Vec<u8>> {
-        self.call_with_timeout(request, self.options.timeout)
+        self.send(&Call::new(request)).map(Reply::into_body)
     }
 
     /// Sends `request` to the server queue and returns the reply body, waiting at most
     /// `timeout`.
     ///
+    /// # Errors
+    ///
+    /// See [`Client::send`].
+    pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        self.send(&Call::new(request).with_timeout(timeout))
+            .map(Reply::into_body)
+    }
+
+    /// Sends `call` (a body with headers and properties) to the server queue and returns the
+    /// whole reply: body, headers and content type.
+    ///
     /// When an earlier call lost the connection, this one first connects again; with
-    /// [`ClientOptions::retry`], see [`Client::call_many`].
+    /// [`ClientOptions::retry`], see [`Client::send_many`].
     ///
     /// # Errors
     ///
-    /// - [`Error::Timeout`]: no reply within `timeout`;
+    /// - [`Error::Timeout`]: no reply within the call's timeout;
     /// - [`Error::NoRoute`]: no queue is bound to the server queue's name;
     /// - [`Error::Remote`]: the server replied with an error message;
     /// - [`Error::ConnectionLost`]: the connection died while the call waited;
     /// - the errors of [`Client::with_options`] when reconnecting fails.
-    pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        self.call_many(&[request], timeout)
+    pub fn send(&mut self, call: &Call) -> Result<Reply> {
+        self.send_many(std::slice::from_ref(call))
             .pop()
-            .expect("one outcome per request")
+            .expect("one outcome per call")
     }
 
-    /// Sends all `requests` at once, then waits for their replies, at most `timeout` in all;
+    /// Sends all `requests` at once, then waits for their replies, at most `timeout` each;
     /// returns one outcome per request, in request order.
-    ///
-    /// Keeping many requests in flight from one thread is much faster than calling one by one:
-    /// the broker and the server's workers are kept busy while replies travel back.
-    ///
-    /// When an earlier call lost the connection, this one first connects again. With
-    /// [`ClientOptions::retry`], requests whose connection is lost before their reply arrives
-    /// are sent again once the client has reconnected, until the deadline.
     ///
     /// # Errors
     ///
-    /// Each outcome has the errors of [`Client::call_with_timeout`].
+    /// Each outcome has the errors of [`Client::send`].
     pub fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
-        let deadline = Instant::now() + timeout;
-        let mut outcomes: Vec<Option<Result<Vec<u8>>>> = requests.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..requests.len()).collect();
-        while !pending.is_empty() {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let mut refused = false;
-            let attempt = match self.session() {
-                Ok(session) => {
-                    let batch: Vec<&[u8]> = pending.iter().map(|&index| requests[index]).collect();
-                    session.call_many(&batch, remaining)
-                }
-                Err(error) => {
-                    refused = true;
-                    pending.iter().map(|_| Err(error.duplicate())).collect()
-                }
+        let calls: Vec<Call> = requests
+            .iter()
+            .map(|&request| Call::new(request).with_timeout(timeout))
+            .collect();
+        self.send_many(&calls)
+            .into_iter()
+            .map(|outcome| outcome.map(Reply::into_body))
+            .collect()
+    }
+
+    /// Sends all `calls` at once, then waits for their replies, each at most its own timeout
+    /// (or the client's); returns one outcome per call, in call order.
+    ///
+    /// Keeping many calls in flight from one thread is much faster than calling one by one:
+    /// the broker and the server's workers are kept busy while replies travel back.
+    ///
+    /// When an earlier call lost the connection, this one first connects again. With
+    /// [`ClientOptions::retry`], calls whose connection is lost before their reply arrives are
+    /// sent again once the client has reconnected, until their deadlines.
+    ///
+    /// # Errors
+    ///
+    /// Each outcome has the errors of [`Client::send`].
+    pub fn send_many(&mut self, calls: &[Call]) -> Vec<Result<Reply>> {
+        let started = Instant::now();
+        let timeouts: Vec<Duration> = calls
+            .iter()
+            .map(|call| call.timeout.unwrap_or(self.options.timeout))
+            .collect();
+        let mut batch = Batch {
+            calls,
+            deadlines: timeouts.iter().map(|&timeout| started + timeout).collect(),
+            timeouts,
+            outcomes: calls.iter().map(|_| None).collect(),
+            pending: (0..calls.len()).collect(),
+        };
+        while !batch.pending.is_empty() {
+            let (error, connecting) = match self.session() {
+                Ok(session) => match session.exchange(&mut batch) {
+                    Ok(()) => break,
+                    Err(error) => (error, false),
+                },
+                Err(error) => (error, true),
             };
             // A lost connection, or a channel the broker closed, leaves nothing to call on.
-            if attempt
-                .iter()
-                .any(|outcome| matches!(outcome, Err(Error::ConnectionLost(_) | Error::Amqp(_))))
-            {
+            if matches!(error, Error::ConnectionLost(_) | Error::Amqp(_)) {
                 self.session = None;
             }
-            let mut again = Vec::new();
-            for (index, outcome) in pending.into_iter().zip(attempt) {
-                match outcome {
-                    Err(error) if self.options.retry && is_retryable(&error) => again.push(index),
-                    // A timeout names the call's whole timeout, not the last attempt's share.
-                    Err(Error::Timeout(_)) => outcomes[index] = Some(Err(Error::Timeout(timeout))),
-                    outcome => outcomes[index] = Some(outcome),
-                }
+            if !(self.options.retry && is_retryable(&error)) {
+                batch.fail_pending(&error);
+                break;
             }
-            pending = again;
-            if !pending.is_empty() {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() {
-                    for &index in &pending {
-                        outcomes[index] = Some(Err(Error::Timeout(timeout)));
-                    }
-                    break;
-                }
+            batch.time_out_expired(Instant::now());
+            if let Some(earliest) = batch.earliest_pending_deadline() {
                 debug!(
-                    "retrying {} requests after a lost connection",
-                    pending.len()
+                    "retrying {} calls after: {}",
+                    batch.pending.len(),
+                    error.chain()
                 );
-                if refused {
+                if connecting {
                     // Do not hammer brokers that refuse connections.
-                    std::thread::sleep(remaining.min(RETRY_PAUSE));
+                    std::thread::sleep(
+                        earliest
+                            .saturating_duration_since(Instant::now())
+                            .min(RETRY_PAUSE),
+                    );
                 }
             }
         }
-        outcomes
+        batch
+            .outcomes
             .into_iter()
-            .map(|outcome| outcome.expect("every request has an outcome"))
+            .map(|outcome| outcome.expect("every call has an outcome"))
             .collect()
     }
 
@@ -316,6 +352,48 @@ impl Client {
         match self.session.take() {
             Some(mut session) => session.close(),
             None => Ok(()),
+        }
+    }
+}
+
+/// The calls of one [`Client::send_many`], and what has become of each.
+struct Batch<'a> {
+    calls: &'a [Call],
+    timeouts: Vec<Duration>,
+    deadlines: Vec<Instant>,
+    outcomes: Vec<Option<Result<Reply>>>,
+    /// The calls still to be sent on the next session, by index.
+    pending: Vec<usize>,
+}
+
+impl Batch<'_> {
+    fn time_out(&mut self, index: usize) {
+        self.outcomes[index] = Some(Err(Error::Timeout(self.timeouts[index])));
+    }
+
+    /// Times out every pending call whose deadline is `now` or earlier.
+    fn time_out_expired(&mut self, now: Instant) {
+        let (expired, live): (Vec<usize>, Vec<usize>) = self
+            .pending
+            .iter()
+            .partition(|&&index| self.deadlines[index] <= now);
+        for index in expired {
+            self.time_out(index);
+        }
+        self.pending = live;
+    }
+
+    fn earliest_pending_deadline(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .map(|&index| self.deadlines[index])
+            .min()
+    }
+
+    /// Ends every pending call with `error`.
+    fn fail_pending(&mut self, error: &Error) {
+        for index in std::mem::take(&mut self.pending) {
+            self.outcomes[index] = Some(Err(error.clone()));
         }
     }
 }
@@ -366,61 +444,68 @@ impl Session {
         })
     }
 
-    fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
-        let deadline = Instant::now() + timeout;
-        let mut outcomes: Vec<Option<Result<Vec<u8>>>> = requests.iter().map(|_| None).collect();
-        let mut waiting = HashMap::with_capacity(requests.len());
-        let mut failure = None;
-        for (index, request) in requests.iter().enumerate() {
+    /// Publishes the batch's pending calls, then collects their replies until each is answered
+    /// or past its deadline.
+    ///
+    /// # Errors
+    ///
+    /// The error that broke the session; the calls it left unanswered stay pending.
+    fn exchange(&mut self, batch: &mut Batch) -> Result<()> {
+        let mut waiting = HashMap::with_capacity(batch.pending.len());
+        let now = Instant::now();
+        for &index in &batch.pending {
             let correlation_id = Uuid::new_v4().to_string();
-            if let Err(error) = self.publish(request, &correlation_id, timeout) {
-                failure = Some(error);
-                break;
-            }
+            let left = batch.deadlines[index].saturating_duration_since(now);
+            self.publish(&batch.calls[index], &correlation_id, left)?;
             waiting.insert(correlation_id, index);
         }
-        if failure.is_none() && !waiting.is_empty() {
-            let received = self.receive_until(deadline, timeout, |id, answer| {
-                match waiting.remove(id) {
-                    Some(index) => outcomes[index] = Some(answer),
-                    None => debug!("dropping a reply that is not ours: correlation id {id:?}"),
-                }
-                waiting.is_empty()
-            });
-            failure = received.err();
-        }
-        // The first unanswered request carries the cause; the others get a timeout or, when the
-        // session broke, a lost connection of their own.
-        let broken = failure.as_ref().is_some_and(|error| !error.is_timeout());
-        outcomes
-            .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| {
-                    Err(failure.take().unwrap_or_else(|| {
-                        if broken {
-                            Error::lost(amiquip::Error::EventLoopDropped)
-                        } else {
-                            Error::Timeout(timeout)
+        // Deadlines in order, so that the next one to pass is always at the front.
+        let mut by_deadline: Vec<usize> = batch.pending.clone();
+        by_deadline.sort_by_key(|&index| std::cmp::Reverse(batch.deadlines[index]));
+        while !waiting.is_empty() {
+            while by_deadline
+                .last()
+                .is_some_and(|&index| batch.outcomes[index].is_some())
+            {
+                by_deadline.pop();
+            }
+            let next_deadline = batch.deadlines[*by_deadline.last().expect("a call waits")];
+            match self.receive(next_deadline) {
+                Ok(Some((id, outcome))) => match waiting.remove(&id) {
+                    Some(index) => batch.outcomes[index] = Some(outcome),
+                    None => debug!("dropping a reply that is not awaited: correlation id {id:?}"),
+                },
+                Ok(None) => {
+                    let now = Instant::now();
+                    waiting.retain(|_, &mut index| {
+                        let expired = batch.deadlines[index] <= now;
+                        if expired {
+                            batch.time_out(index);
                         }
-                    }))
-                })
-            })
-            .collect()
+                        !expired
+                    });
+                }
+                Err(error) => {
+                    batch.pending = waiting.into_values().collect();
+                    batch.pending.sort_unstable();
+                    return Err(error);
+                }
+            }
+        }
+        batch.pending.clear();
+        Ok(())
     }
 
-    fn publish(&self, request: &[u8], correlation_id: &str, timeout: Duration) -> Result<()> {
-        let properties = AmqpProperties::default()
-            .with_reply_to(self.reply_to.clone())
-            .with_correlation_id(correlation_id.to_string())
-            // "0" would expire the request at once; RabbitMQ counts in whole milliseconds.
-            .with_expiration(timeout.as_millis().max(1).to_string());
+    fn publish(&self, call: &Call, correlation_id: &str, timeout: Duration) -> Result<()> {
+        let properties =
+            wire::request_properties(call, &self.reply_to, correlation_id, timeout.as_millis());
         let Some(reply_channel) = &self.reply_channel else {
             return Err(Error::lost(amiquip::Error::ClientClosedChannel));
         };
         reply_channel.borrow_owner().basic_publish(
             "",
             Publish {
-                body: request,
+                body: &call.body,
                 routing_key: self.queue.clone(),
                 mandatory: true,
                 immediate: false,
@@ -431,73 +516,54 @@ impl Session {
         Ok(())
     }
 
-    /// Reads replies and returned requests, handing each with its correlation id to `accept`,
-    /// until `accept` says it has all it waits for, or `deadline` passes ([`Error::Timeout`]), or
-    /// the connection goes ([`Error::ConnectionLost`]).
-    fn receive_until(
-        &self,
-        deadline: Instant,
-        timeout: Duration,
-        mut accept: impl FnMut(&str, Result<Vec<u8>>) -> bool,
-    ) -> Result<()> {
+    /// Waits until `deadline` for the next reply or returned request, and gives its
+    /// correlation id with what it means for that call; `None` when the deadline passed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectionLost`] when the consumer or the connection ended.
+    fn receive(&self, deadline: Instant) -> Result<Option<(String, Result<Reply>)>> {
         // Waiting on the reply channel alone costs far less than `select!` over it and the
         // returns channel (a third of the futex calls; about a tenth more calls per second).
-        // Replies usually follow each other closely, so wait on them alone until one is QUICK
-        // late; a returned request is then seen by the `select!` below, QUICK after the publish.
+        // Replies usually follow each other closely, so wait on them alone for QUICK first; a
+        // returned request is then seen by the `select!` below, QUICK after the publish at most.
         const QUICK: Duration = Duration::from_millis(5);
-        loop {
-            let quick_deadline = deadline.min(Instant::now() + QUICK);
-            match self.replies.recv_deadline(quick_deadline) {
-                Ok(message) => {
-                    if on_reply(message, &mut accept)? {
-                        return Ok(());
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::lost(amiquip::Error::EventLoopDropped));
-                }
+        match self
+            .replies
+            .recv_deadline(deadline.min(Instant::now() + QUICK))
+        {
+            Ok(message) => return reply_outcome(message).map(Some),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Error::lost(amiquip::Error::EventLoopDropped));
             }
         }
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let done = select! {
-                recv(self.replies) -> message => match message {
-                    Ok(message) => on_reply(message, &mut accept)?,
-                    Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
-                },
-                recv(self.returns) -> returned => match returned {
-                    Ok(returned) => {
-                        let id = returned.properties.correlation_id().clone().unwrap_or_default();
-                        debug!("request {id} returned: {}", returned.reply_text);
-                        accept(&id, Err(Error::NoRoute { queue: returned.routing_key }))
-                    }
-                    Err(_) => return Err(Error::lost(amiquip::Error::EventLoopDropped)),
-                },
-                default(remaining) => return Err(Error::Timeout(timeout)),
-            };
-            if done {
-                return Ok(());
-            }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        select! {
+            recv(self.replies) -> message => match message {
+                Ok(message) => reply_outcome(message).map(Some),
+                Err(_) => Err(Error::lost(amiquip::Error::EventLoopDropped)),
+            },
+            recv(self.returns) -> returned => match returned {
+                Ok(returned) => Ok(Some(returned_outcome(returned))),
+                Err(_) => Err(Error::lost(amiquip::Error::EventLoopDropped)),
+            },
+            default(remaining) => Ok(None),
         }
     }
 
-    /// Cancels the consumer, reads its receiver until the broker confirms the cancel (see
-    /// `shared/amiquip-notes.md`: dropping a consumer before that can kill the connection), then
-    /// closes the channel, or the connection when it is the client's own.
+    /// Ends the consumer safely (see [`crate::consumer::cancel`]), then closes the channel, or
+    /// the connection when it is the client's own.
     fn close(&mut self) -> Result<()> {
         let Some(reply_channel) = self.reply_channel.take() else {
             return Ok(());
         };
-        let cancelled = reply_channel.borrow_dependent().cancel();
-        if cancelled.is_ok() {
-            let give_up = Instant::now() + Duration::from_secs(2);
-            while let Ok(message) = self.replies.recv_deadline(give_up) {
-                if !matches!(message, ConsumerMessage::Delivery(_)) {
-                    break;
-                }
-            }
-        }
+        let cancelled = crate::consumer::cancel(
+            reply_channel.borrow_dependent(),
+            &self.replies,
+            Duration::from_secs(2),
+            |_late_reply| Ok(()),
+        );
         let channel = reply_channel.into_owner();
         let closed = match self.connection.take() {
             Some(connection) => {
@@ -518,12 +584,9 @@ impl Drop for Session {
     }
 }
 
-/// Hands a reply to `accept` with its correlation id, and returns what `accept` says (whether
-/// the caller has all it waits for); a consumer that ended means the connection is gone.
-fn on_reply(
-    message: ConsumerMessage,
-    accept: &mut impl FnMut(&str, Result<Vec<u8>>) -> bool,
-) -> Result<bool> {
+/// What a message from the reply consumer means: a reply (its correlation id, and the reply or
+/// the server's error), or the end of the consumer, which means the connection is gone.
+fn reply_outcome(message: ConsumerMessage) -> Result<(String, Result<Reply>)> {
     match message {
         ConsumerMessage::Delivery(delivery) => {
             let id = delivery
@@ -532,27 +595,26 @@ fn on_reply(
                 .clone()
                 .unwrap_or_default();
             trace!("reply to {id} arrived");
-            Ok(accept(&id, reply_outcome(delivery)))
+            Ok((id, wire::reply_from(delivery).map_err(Error::Remote)))
         }
         other => Err(consumer_ended(other)),
     }
 }
 
-/// Turns the matching reply into the call's result: its body, or the server's error message.
-fn reply_outcome(delivery: Delivery) -> Result<Vec<u8>> {
-    let error = delivery
+/// A request the broker could not route: no queue by that name.
+fn returned_outcome(returned: Return) -> (String, Result<Reply>) {
+    let id = returned
         .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.get(ERROR_HEADER));
-    match error {
-        None => Ok(delivery.body),
-        Some(AmqpValue::LongString(message)) => Err(Error::Remote(message.clone())),
-        Some(other) => {
-            warn!("the server's error header is not a string: {other:?}");
-            Err(Error::Remote(format!("{other:?}")))
-        }
-    }
+        .correlation_id()
+        .clone()
+        .unwrap_or_default();
+    debug!("request {id} returned: {}", returned.reply_text);
+    (
+        id,
+        Err(Error::NoRoute {
+            queue: returned.routing_key,
+        }),
+    )
 }
 
 /// Explains why the reply consumer stopped delivering.

@@ -2,7 +2,9 @@
 //!
 //! amiquip's own `Connection::insecure_open` leaves Nagle's algorithm on, which stalls every
 //! request/reply exchange for about 40 ms on delayed ACKs. Here the TCP stream is opened by hand
-//! with `TCP_NODELAY` and a connect timeout, then handed to amiquip, with or without TLS.
+//! with `TCP_NODELAY` and a connect timeout, then handed to amiquip, with or without TLS (see
+//! `docs/amiquip.md`). Only [`ConnectOptions`] and [`DEFAULT_URL`] are public; the rest is
+//! plumbing for the client and the server.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -41,20 +43,20 @@ impl Default for ConnectOptions {
 }
 
 /// The parts of an `amqp://` or `amqps://` URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerAddress {
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct BrokerAddress {
     /// True for `amqps://`.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// Host name or IP address.
-    pub host: String,
+    pub(crate) host: String,
     /// TCP port; 5672 by default, 5671 for `amqps://`.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Virtual host, percent-decoded; `/` when the URL has no path.
-    pub vhost: String,
+    pub(crate) vhost: String,
     /// User name; `guest` by default.
-    pub username: String,
+    pub(crate) username: String,
     /// Password; `guest` by default.
-    pub password: String,
+    pub(crate) password: String,
 }
 
 impl BrokerAddress {
@@ -64,7 +66,7 @@ impl BrokerAddress {
     ///
     /// [`Error::Config`] when the URL is malformed, its scheme is not `amqp` or `amqps`, it has
     /// no host, or its path has more than one segment.
-    pub fn parse(url: &str) -> Result<BrokerAddress> {
+    pub(crate) fn parse(url: &str) -> Result<BrokerAddress> {
         let bad = |why: &str| Error::Config(format!("bad broker URL '{url}': {why}"));
         let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let tls = match parsed.scheme() {
@@ -117,7 +119,7 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
 /// Each connection attempt tries them in turn, starting after the one that answered last, so
 /// that after a connection loss the next connection goes to whichever node answers next.
 #[derive(Debug)]
-pub struct Brokers {
+pub(crate) struct Brokers {
     addresses: Vec<BrokerAddress>,
     /// Index of the broker to try first next time.
     next: AtomicUsize,
@@ -129,7 +131,7 @@ impl Brokers {
     /// # Errors
     ///
     /// [`Error::Config`] when the list is empty or a URL is bad (see [`BrokerAddress::parse`]).
-    pub fn parse(urls: &str) -> Result<Brokers> {
+    pub(crate) fn parse(urls: &str) -> Result<Brokers> {
         let addresses = urls
             .split(',')
             .map(str::trim)
@@ -146,7 +148,8 @@ impl Brokers {
     }
 
     /// The brokers, in the order given.
-    pub fn addresses(&self) -> &[BrokerAddress] {
+    #[cfg(test)]
+    fn addresses(&self) -> &[BrokerAddress] {
         &self.addresses
     }
 
@@ -155,7 +158,7 @@ impl Brokers {
     /// # Errors
     ///
     /// The last broker's error when none answers; see [`open_address`].
-    pub fn connect(&self, options: &ConnectOptions) -> Result<Connection> {
+    pub(crate) fn connect(&self, options: &ConnectOptions) -> Result<Connection> {
         let count = self.addresses.len();
         let first = self.next.load(Ordering::Relaxed) % count;
         let mut last_error = None;
@@ -177,26 +180,15 @@ impl Brokers {
     }
 }
 
-/// Opens an AMQP connection with `TCP_NODELAY` set to `urls`: one URL, or several separated by
-/// commas, tried in turn until one answers.
-///
-/// # Errors
-///
-/// [`Error::Config`] for a bad URL, refused credentials or a failed TLS handshake;
-/// [`Error::Connect`] when no TCP connection or AMQP handshake completes within the timeout;
-/// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
-/// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost). With several URLs, the last
-/// one's error.
-pub fn open(urls: &str, options: &ConnectOptions) -> Result<Connection> {
-    Brokers::parse(urls)?.connect(options)
-}
-
 /// Opens an AMQP connection to one broker with `TCP_NODELAY` set.
 ///
 /// # Errors
 ///
-/// As [`open`].
-pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
+/// [`Error::Config`] for refused credentials or a failed TLS handshake; [`Error::Connect`]
+/// when no TCP connection or AMQP handshake completes within the timeout;
+/// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
+/// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost).
+fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
     let stream = connect_tcp(address, options.connect_timeout)?;
     let amqp_options = ConnectionOptions::<Auth>::default()
         .auth(Auth::Plain {
@@ -207,10 +199,8 @@ pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result
         .heartbeat(options.heartbeat)
         .connection_timeout(Some(options.connect_timeout))
         .information(Some(options.connection_name.clone()));
-    let stream = mio::net::TcpStream::from_stream(stream).map_err(|source| Error::Connect {
-        addr: url_for_display(address),
-        source,
-    })?;
+    let stream = mio::net::TcpStream::from_stream(stream)
+        .map_err(|source| connect_error(address, source))?;
     let connection = if address.tls {
         let connector = native_tls::TlsConnector::new()
             .map_err(|e| Error::Config(format!("cannot set up TLS: {e}")))?;
@@ -236,13 +226,13 @@ pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result
             "TLS handshake with {} failed: {source}",
             url_for_display(address)
         )),
-        amiquip::Error::ConnectionTimeout => Error::Connect {
-            addr: url_for_display(address),
-            source: std::io::Error::new(
+        amiquip::Error::ConnectionTimeout => connect_error(
+            address,
+            std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the AMQP handshake did not complete in time",
             ),
-        },
+        ),
         // A broker that drops the connection mid-handshake (while it restarts, say) counts as a
         // lost connection, which retrying callers try again; other refusals are AMQP errors.
         other => Error::from_amqp(other),
@@ -253,13 +243,9 @@ pub fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result
 
 /// Tries each address the host resolves to, in order, and returns the first that connects.
 fn connect_tcp(address: &BrokerAddress, timeout: Duration) -> Result<TcpStream> {
-    let display = url_for_display(address);
     let resolved: Vec<SocketAddr> = (address.host.as_str(), address.port)
         .to_socket_addrs()
-        .map_err(|source| Error::Connect {
-            addr: display.clone(),
-            source,
-        })?
+        .map_err(|source| connect_error(address, source))?
         .collect();
     let mut last_error = std::io::Error::new(
         std::io::ErrorKind::NotFound,
@@ -268,10 +254,9 @@ fn connect_tcp(address: &BrokerAddress, timeout: Duration) -> Result<TcpStream> 
     for socket_addr in resolved {
         match TcpStream::connect_timeout(&socket_addr, timeout) {
             Ok(stream) => {
-                stream.set_nodelay(true).map_err(|source| Error::Connect {
-                    addr: display.clone(),
-                    source,
-                })?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|source| connect_error(address, source))?;
                 return Ok(stream);
             }
             Err(error) => {
@@ -280,10 +265,21 @@ fn connect_tcp(address: &BrokerAddress, timeout: Duration) -> Result<TcpStream> 
             }
         }
     }
-    Err(Error::Connect {
-        addr: display,
-        source: last_error,
-    })
+    Err(connect_error(address, last_error))
+}
+
+fn connect_error(address: &BrokerAddress, source: std::io::Error) -> Error {
+    Error::Connect {
+        addr: url_for_display(address),
+        source: std::sync::Arc::new(source),
+    }
+}
+
+/// Shows the address without its password.
+impl std::fmt::Debug for BrokerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&url_for_display(self))
+    }
 }
 
 /// The URL without its password, for messages and logs.

@@ -6,13 +6,17 @@
 //! [`Error::Connect`]), or report the request as bad ([`Error::Remote`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A specialised `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in a call, in a server, or while connecting.
-#[derive(Debug)]
+///
+/// Cheap to clone: the causes it wraps are shared, so every call of a batch that failed for one
+/// reason reports that same reason.
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A setting is unusable: a malformed URL, an unknown scheme, zero workers.
@@ -23,7 +27,7 @@ pub enum Error {
         /// The address (or URL) that was tried.
         addr: String,
         /// Why the connection failed.
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// No reply arrived within the call's timeout.
@@ -38,15 +42,19 @@ pub enum Error {
     /// The server answered with an error instead of a result (a bad request, a failed handler).
     Remote(String),
 
-    /// A reply arrived but its body is not what the caller expected.
+    /// A reply arrived but its body is not what the caller expected (not a decimal number for
+    /// [`crate::Client::fib`], JSON of another shape for a typed call).
     InvalidReply(String),
 
+    /// The request could not be encoded (a value that JSON cannot represent).
+    InvalidRequest(String),
+
     /// The connection to the broker was lost or closed while it was in use.
-    ConnectionLost(Box<amiquip::Error>),
+    ConnectionLost(Arc<amiquip::Error>),
 
     /// The broker refused an AMQP operation (bad credentials, a queue declared with other
     /// arguments, a missing vhost...).
-    Amqp(Box<amiquip::Error>),
+    Amqp(Arc<amiquip::Error>),
 }
 
 impl Error {
@@ -65,6 +73,11 @@ impl Error {
         matches!(self, Error::Remote(_))
     }
 
+    /// True when a reply arrived but could not be read as the caller expected.
+    pub fn is_invalid_reply(&self) -> bool {
+        matches!(self, Error::InvalidReply(_))
+    }
+
     /// The message followed by each of its causes, separated by `": "`, for one-line reports.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();
@@ -81,30 +94,9 @@ impl Error {
         text
     }
 
-    /// The same error again, for each request of a batch that failed as a whole. amiquip's
-    /// errors cannot be cloned, so a lost connection's copy names no cause.
-    pub(crate) fn duplicate(&self) -> Error {
-        match self {
-            Error::Config(message) => Error::Config(message.clone()),
-            Error::Connect { addr, source } => Error::Connect {
-                addr: addr.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            Error::Timeout(timeout) => Error::Timeout(*timeout),
-            Error::NoRoute { queue } => Error::NoRoute {
-                queue: queue.clone(),
-            },
-            Error::Remote(message) => Error::Remote(message.clone()),
-            Error::InvalidReply(message) => Error::InvalidReply(message.clone()),
-            Error::ConnectionLost(_) | Error::Amqp(_) => {
-                Error::lost(amiquip::Error::EventLoopDropped)
-            }
-        }
-    }
-
     /// The connection is gone, for the reason amiquip gives.
     pub(crate) fn lost(reason: amiquip::Error) -> Error {
-        Error::ConnectionLost(Box::new(reason))
+        Error::ConnectionLost(Arc::new(reason))
     }
 
     /// Sorts an amiquip error into "the connection is gone" or "the broker refused something".
@@ -120,7 +112,7 @@ impl Error {
             | A::EventLoopClientDropped
             | A::EventLoopDropped
             | A::IoThreadPanic => Error::lost(error),
-            other => Error::Amqp(Box::new(other)),
+            other => Error::Amqp(Arc::new(other)),
         }
     }
 }
@@ -139,6 +131,7 @@ impl fmt::Display for Error {
             ),
             Error::Remote(message) => write!(f, "server error: {message}"),
             Error::InvalidReply(message) => write!(f, "invalid reply: {message}"),
+            Error::InvalidRequest(message) => write!(f, "invalid request: {message}"),
             Error::ConnectionLost(_) => write!(f, "connection to the broker lost"),
             Error::Amqp(_) => write!(f, "broker refused the operation"),
         }
@@ -148,7 +141,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Connect { source, .. } => Some(source),
+            Error::Connect { source, .. } => Some(source.as_ref()),
             Error::ConnectionLost(source) | Error::Amqp(source) => Some(source.as_ref()),
             _ => None,
         }

@@ -7,6 +7,8 @@
 use num_bigint::BigUint;
 use num_traits::{One, Zero};
 
+use crate::message::HandlerError;
+
 /// The largest `n` a server answers by default. fib(1,000,000) has 208,988 decimal digits.
 pub const DEFAULT_MAX_N: u64 = 1_000_000;
 
@@ -77,13 +79,15 @@ fn preview(text: &[u8]) -> String {
     }
 }
 
-/// Answers one request: parses `n` (see [`parse_request`]) and returns fib(n) in decimal.
+/// Answers one request body: parses `n` (see [`parse_request`]) and returns fib(n) in
+/// decimal. The tutorial's server is `|request: &Request| handle_request(request.body(), max_n)`.
 ///
 /// # Errors
 ///
-/// The message from [`parse_request`] when the body is not an acceptable `n`.
-pub fn handle_request(body: &[u8], max_n: u64) -> Result<Vec<u8>, String> {
-    let n = parse_request(body, max_n)?;
+/// A [`HandlerError::bad_request`] with the message from [`parse_request`] when the body is
+/// not an acceptable `n`.
+pub fn handle_request(body: &[u8], max_n: u64) -> Result<Vec<u8>, HandlerError> {
+    let n = parse_request(body, max_n).map_err(HandlerError::bad_request)?;
     Ok(fib(n).to_str_radix(10).into_bytes())
 }
 
@@ -176,6 +180,6 @@ mod tests {
     #[test]
     fn handler_answers_in_decimal() {
         assert_eq!(handle_request(b"30", 100).unwrap(), b"832040");
-        assert!(handle_request(b"x", 100).is_err());
+        assert!(handle_request(b"x", 100).unwrap_err().is_bad_request());
     }
 }

@@ -1,13 +1,56 @@
 //! A blocking RPC client and server over RabbitMQ, in the shape of RabbitMQ's "RPC" tutorial.
 //!
+//! A service is a function from a [`Request`] (body, headers, properties) to a [`Reply`]; a
+//! server serves one or more queues, each with its own function and workers; a client sends a
+//! [`Call`] and blocks until the reply. With the `json` feature (on by default), bodies can be
+//! typed:
+//!
 //! ```no_run
-//! use amqp_rpc::{Client, Server, ServerOptions, fib};
+//! # #[cfg(feature = "json")]
+//! # fn main() -> amqp_rpc::Result<()> {
+//! use amqp_rpc::{Call, Client, ClientOptions, HandlerError, QueueOptions, Request, Server, json};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Order { item: String, quantity: u32 }
+//! #[derive(Serialize, Deserialize)]
+//! struct Receipt { accepted: bool, for_tenant: String }
+//!
+//! let url = amqp_rpc::DEFAULT_URL;
+//! let server = Server::builder(url)
+//!     .serve("shop.order", QueueOptions::default(), json::handler(
+//!         |order: Order, request: &Request| {
+//!             let tenant = request.header_str("x-tenant")
+//!                 .ok_or_else(|| HandlerError::bad_request("no x-tenant header"))?;
+//!             Ok(Receipt { accepted: order.quantity > 0, for_tenant: tenant.to_string() })
+//!         },
+//!     ))
+//!     .start()?;
+//!
+//! let options = ClientOptions { queue: "shop.order".into(), ..ClientOptions::default() };
+//! let mut client = Client::with_options(url, options)?;
+//! let order = Order { item: "tea".into(), quantity: 2 };
+//! let reply = client.send(&Call::json(&order)?.with_header("x-tenant", "acme"))?;
+//! let receipt: Receipt = reply.json()?;
+//! assert!(receipt.accepted);
+//!
+//! client.close()?;
+//! server.shutdown()
+//! # }
+//! # #[cfg(not(feature = "json"))]
+//! # fn main() {}
+//! ```
+//!
+//! The tutorial's Fibonacci service is a byte handler, one line long, and speaks the
+//! tutorial's wire format, so its peers in other languages interoperate:
+//!
+//! ```no_run
+//! use amqp_rpc::{Client, Request, Server, fib};
 //!
 //! # fn main() -> amqp_rpc::Result<()> {
 //! let url = amqp_rpc::DEFAULT_URL;
-//! let max_n = fib::DEFAULT_MAX_N;
-//! let server = Server::start(url, ServerOptions::default(), move |request: &[u8]| {
-//!     fib::handle_request(request, max_n)
+//! let server = Server::start(url, amqp_rpc::DEFAULT_QUEUE, |request: &Request| {
+//!     fib::handle_request(request.body(), fib::DEFAULT_MAX_N)
 //! })?;
 //!
 //! let mut client = Client::connect(url)?;
@@ -31,37 +74,58 @@
 //!   request with `reply_to` and a fresh uuid `correlation_id`, then reads replies until the one
 //!   with its `correlation_id` arrives, dropping others. It fails with [`Error::Timeout`] after
 //!   its timeout and at once with [`Error::NoRoute`] when no server queue exists.
-//!   [`Client::call_many`] keeps many calls in flight from one thread. A client stays on the
+//!   [`Client::send_many`] keeps many calls in flight from one thread. A client stays on the
 //!   thread that made it; for several threads, make one client per thread on a
 //!   [`SharedConnection`]. Replies come through an exclusive queue or direct reply-to
 //!   ([`ReplyRoute`]). With [`ClientOptions::retry`], calls cut off by a lost connection are sent
 //!   again after reconnecting.
-//! - [`Server`]: a supervisor thread owns the connection and a pool of worker threads, each with
-//!   its own channel and `qos(1)`. A worker calls the [`Handler`] (bytes in, bytes out),
+//! - [`Server`]: a supervisor thread owns the connection and, for each queue, a pool of worker
+//!   threads, each with its own channel and `qos(1)`. A worker calls its queue's [`Handler`],
 //!   publishes the reply, then acks. Handler errors and panics become error replies. Lost
-//!   connections are re-established with backoff. The queue is classic (as the tutorial's) or
-//!   quorum ([`QueueType`]), with a delivery limit for requests that keep killing servers.
-//! - [`connect`]: opens connections with `TCP_NODELAY`, without which each call waits about
-//!   40 ms on Nagle's algorithm. Every URL argument may list several brokers (a cluster's nodes)
+//!   connections are re-established with backoff, and every queue declared again. Each queue
+//!   is classic (as the tutorial's) or quorum ([`QueueType`]), with a delivery limit for
+//!   requests that keep killing servers.
+//! - Connections are opened with `TCP_NODELAY`, without which each call waits about 40 ms on
+//!   Nagle's algorithm. Every URL argument may list several brokers (a cluster's nodes)
 //!   separated by commas: the first that answers is used, and after a loss the next.
-//! - [`bench`](mod@bench): the load generator behind `client --bench`.
 //! - [`fib`]: exact Fibonacci numbers by fast doubling, and the tutorial's handler.
+//! - [`json`]: typed payloads (feature `json`).
 //!
-//! The wire format is the tutorial's, so peers in other languages interoperate: the request body
-//! is `n` in decimal, the reply body the result in decimal; an error reply carries its message
-//! in the `error` header.
+//! The wire format is the tutorial's: a request goes to the server queue with `reply_to` and
+//! `correlation_id`, and its reply comes back with the same `correlation_id`. Headers and
+//! properties are optional; an error reply carries its message in the [`ERROR_HEADER`] header
+//! and its kind in [`ERROR_KIND_HEADER`]. The README's "Wire protocol" section lists every
+//! field.
+//!
+//! # Features
+//!
+//! - `json` (default): serde and serde_json, for [`json`], [`Call::json`], [`Reply::json`] and
+//!   [`Client::call_json`].
+//! - `cli` (default): the `client` and `server` binaries' own dependencies (clap, env_logger,
+//!   signal-hook). A library user can turn it off with `default-features = false`.
 #![forbid(unsafe_code)]
 
-pub mod bench;
-pub mod client;
-pub mod connect;
-pub mod error;
+mod client;
+mod connect;
+mod consumer;
+mod error;
 pub mod fib;
-pub mod server;
-pub mod shared;
+mod headers;
+#[cfg(feature = "json")]
+pub mod json;
+mod message;
+mod server;
+mod shared;
+mod wire;
 
-pub use client::{Client, ClientOptions, DEFAULT_QUEUE, ReplyRoute};
+pub use client::{Client, ClientOptions, ReplyRoute};
 pub use connect::{ConnectOptions, DEFAULT_URL};
 pub use error::{Error, Result};
-pub use server::{Handler, QueueType, Server, ServerOptions, ShutdownHandle};
+pub use headers::{HeaderValue, Headers};
+pub use message::{Call, HandlerError, Reply, Request};
+pub use server::{
+    Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions, ShutdownHandle,
+    default_workers,
+};
 pub use shared::SharedConnection;
+pub use wire::{DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE};

@@ -1,64 +1,99 @@
-//! The RPC server: a pool of worker threads, each with its own channel, serving one queue.
+//! The RPC server: pools of worker threads, each worker with its own channel, serving one or
+//! more queues on one connection.
 //!
-//! A supervisor thread owns the connection. It declares the server queue (as the tutorial does:
-//! not durable, not exclusive, not auto-deleted, so peers in other languages can declare it too),
-//! opens one channel per worker, and hands each worker its channel. A worker sets `qos(1)`,
-//! consumes the queue, and for each request calls the [`Handler`], publishes the reply to the
-//! request's `reply_to` with its `correlation_id`, and only then acks the request. A request
-//! whose worker dies before the ack is redelivered by the broker to another worker.
+//! A supervisor thread owns the connection. It declares each server queue (by default as the
+//! tutorial does: not durable, not exclusive, not auto-deleted, so peers in other languages
+//! can declare it too), opens one channel per worker, and hands each worker its channel. A
+//! worker sets `qos(1)`, consumes its queue, and for each request calls its queue's
+//! [`Handler`], publishes the reply to the request's `reply_to` with its `correlation_id`, and
+//! only then acks the request. A request whose worker dies before the ack is redelivered by
+//! the broker to another worker.
 //!
 //! A handler's error (or panic) becomes an error reply: the message travels in the
-//! [`ERROR_HEADER`] header and as the body, the request is acked,
-//! and the worker goes on serving.
+//! [`crate::ERROR_HEADER`] header and as the body, the request is acked, and the worker goes
+//! on serving.
 //!
-//! When the connection is lost, the supervisor stops the workers, reconnects with exponential
-//! backoff (bounded by [`ServerOptions::max_reconnect_delay`]), re-declares the queue and starts
-//! fresh workers; it gives up only on errors that retrying cannot fix. [`Server::shutdown`] (or
-//! a [`ShutdownHandle`]) stops taking requests, lets the in-flight ones finish, reply and ack,
-//! and closes the connection.
+//! When the connection is lost, the supervisor stops every worker, reconnects with exponential
+//! backoff (bounded by [`ServerOptions::max_reconnect_delay`]), re-declares every queue and
+//! starts fresh workers; it gives up only on errors that retrying cannot fix.
+//! [`Server::shutdown`] (or a [`ShutdownHandle`]) stops taking requests, lets the in-flight ones
+//! finish, reply and ack, and closes the connection.
 
+use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions,
-    Delivery, FieldTable, Publish, QueueDeclareOptions,
+    AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, FieldTable,
+    Publish, QueueDeclareOptions,
 };
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
-use crate::client::{DEFAULT_QUEUE, ERROR_HEADER};
 use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, Result};
+use crate::message::{HandlerError, Reply, Request};
+use crate::wire;
 
-/// Computes a reply from a request body. An `Err` is sent back to the caller as an error reply.
+/// Answers requests. An `Err` is sent back to the caller as an error reply.
 ///
-/// Any `Fn(&[u8]) -> Result<Vec<u8>, String>` that can be shared across threads is a handler.
+/// Any `Fn(&Request) -> Result<R, HandlerError>` that can be shared across threads is a
+/// handler, where `R` is a [`Reply`] or converts into one (`Vec<u8>`, `String`, `&str`):
+///
+/// ```
+/// use amqp_rpc::{HandlerError, Reply, Request};
+///
+/// let echo = |request: &Request| -> Result<Vec<u8>, HandlerError> { Ok(request.body().to_vec()) };
+/// let greet = |request: &Request| -> Result<Reply, HandlerError> {
+///     let name = request.header_str("x-name").ok_or_else(|| HandlerError::bad_request("no x-name header"))?;
+///     Ok(Reply::new(format!("hello, {name}")).with_content_type("text/plain"))
+/// };
+/// # fn is_handler(_: impl amqp_rpc::Handler) {}
+/// # is_handler(echo);
+/// # is_handler(greet);
+/// ```
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     ///
     /// # Errors
     ///
-    /// A one-line message that the caller receives as [`Error::Remote`].
-    fn handle(&self, request: &[u8]) -> std::result::Result<Vec<u8>, String>;
+    /// A [`HandlerError`], which the caller receives as [`Error::Remote`].
+    fn handle(&self, request: &Request) -> std::result::Result<Reply, HandlerError>;
 }
 
-impl<F> Handler for F
+impl<F, R> Handler for F
 where
-    F: Fn(&[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
+    F: Fn(&Request) -> std::result::Result<R, HandlerError> + Send + Sync + 'static,
+    R: Into<Reply>,
 {
-    fn handle(&self, request: &[u8]) -> std::result::Result<Vec<u8>, String> {
-        self(request)
+    fn handle(&self, request: &Request) -> std::result::Result<Reply, HandlerError> {
+        self(request).map(Into::into)
     }
 }
 
-/// How a [`Server`] connects and serves.
+/// How a [`Server`] connects and recovers; shared by all its queues.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// The queue to declare and consume. Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
-    pub queue: String,
+    /// The longest wait between two reconnection attempts. Default: 30 s.
+    pub max_reconnect_delay: Duration,
+    /// TCP and AMQP connection settings.
+    pub connect: ConnectOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_reconnect_delay: Duration::from_secs(30),
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+/// How one queue is declared and served.
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
     /// Worker threads, each with its own channel. Default: [`default_workers`], two per core and
     /// at least four.
     pub workers: usize,
@@ -69,33 +104,36 @@ pub struct ServerOptions {
     pub queue_type: QueueType,
     /// For a quorum queue: how many times a request may be redelivered (after its server died
     /// or its channel closed without an ack) before the broker drops it, or dead-letters it
-    /// when [`ServerOptions::dead_letter_exchange`] is set. Stops a request that kills every
+    /// when [`QueueOptions::dead_letter_exchange`] is set. Stops a request that kills every
     /// server that takes it from looping forever. Default: `Some(5)`; `None` for no limit.
     pub delivery_limit: Option<u32>,
     /// For a quorum queue: the exchange that receives requests dropped by the delivery limit
-    /// (and expired ones), with [`ServerOptions::dead_letter_routing_key`]. Default: `None`,
+    /// (and expired ones), with [`QueueOptions::dead_letter_routing_key`]. Default: `None`,
     /// they are dropped.
     pub dead_letter_exchange: Option<String>,
     /// The routing key for dead-lettered requests; `None` keeps their own. Default: `None`.
     pub dead_letter_routing_key: Option<String>,
-    /// The longest wait between two reconnection attempts. Default: 30 s.
-    pub max_reconnect_delay: Duration,
-    /// TCP and AMQP connection settings.
-    pub connect: ConnectOptions,
 }
 
-impl Default for ServerOptions {
+impl Default for QueueOptions {
     fn default() -> Self {
-        ServerOptions {
-            queue: DEFAULT_QUEUE.to_string(),
+        QueueOptions {
             workers: default_workers(),
             prefetch: 1,
             queue_type: QueueType::default(),
             delivery_limit: Some(5),
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
-            max_reconnect_delay: Duration::from_secs(30),
-            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+impl QueueOptions {
+    /// The defaults, with `workers` worker threads.
+    pub fn with_workers(workers: usize) -> QueueOptions {
+        QueueOptions {
+            workers,
+            ..QueueOptions::default()
         }
     }
 }
@@ -111,7 +149,7 @@ pub enum QueueType {
     Classic,
     /// A durable quorum queue, replicated on a majority of a cluster's nodes: requests survive
     /// the loss of a minority of nodes, at the cost of a disk write and a replication round
-    /// before each request is accepted. Supports [`ServerOptions::delivery_limit`].
+    /// before each request is accepted. Supports [`QueueOptions::delivery_limit`].
     Quorum,
 }
 
@@ -147,42 +185,80 @@ impl ShutdownHandle {
     }
 }
 
-/// A running server. Dropping it shuts it down gracefully and waits.
-pub struct Server {
-    shutdown: ShutdownHandle,
-    supervisor: Option<JoinHandle<Result<()>>>,
+/// One queue a server serves, with its handler.
+struct Service {
+    queue: String,
+    options: QueueOptions,
+    handler: Arc<dyn Handler>,
 }
 
-impl Server {
-    /// Connects to `url`, declares the queue and starts the workers, returning once every worker
-    /// consumes the queue. `url` may list several brokers (the nodes of a cluster) separated by
-    /// commas: the server connects to the first that answers and, after losing its
-    /// connection, to whichever answers next.
+/// Collects the queues of a [`Server`] before starting it; made by [`Server::builder`].
+///
+/// ```no_run
+/// use amqp_rpc::{QueueOptions, Request, Server, fib};
+///
+/// # fn main() -> amqp_rpc::Result<()> {
+/// let server = Server::builder(amqp_rpc::DEFAULT_URL)
+///     .serve("math.fib", QueueOptions::with_workers(4), |request: &Request| {
+///         fib::handle_request(request.body(), fib::DEFAULT_MAX_N)
+///     })
+///     .serve("math.echo", QueueOptions::with_workers(1), |request: &Request| {
+///         Ok(request.body().to_vec())
+///     })
+///     .start()?;
+/// # server.shutdown()
+/// # }
+/// ```
+pub struct ServerBuilder {
+    urls: String,
+    options: ServerOptions,
+    services: Vec<Service>,
+}
+
+impl ServerBuilder {
+    /// Sets the connection and recovery options (default: [`ServerOptions::default`]).
+    pub fn options(mut self, options: ServerOptions) -> ServerBuilder {
+        self.options = options;
+        self
+    }
+
+    /// Serves `queue` with `handler`, as `options` say.
+    pub fn serve(
+        mut self,
+        queue: impl Into<String>,
+        options: QueueOptions,
+        handler: impl Handler,
+    ) -> ServerBuilder {
+        self.services.push(Service {
+            queue: queue.into(),
+            options,
+            handler: Arc::new(handler),
+        });
+        self
+    }
+
+    /// Connects, declares every queue and starts every worker, returning once all of them
+    /// consume. The URL may list several brokers (the nodes of a cluster) separated by commas:
+    /// the server connects to the first that answers and, after losing its connection, to
+    /// whichever answers next.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for bad options, a bad URL or refused credentials; [`Error::Connect`]
-    /// when the broker cannot be reached; [`Error::Amqp`] when it refuses the queue (declared
-    /// elsewhere with other arguments, for example). Once started, the server reconnects on its
-    /// own instead.
-    pub fn start<H: Handler>(url: &str, options: ServerOptions, handler: H) -> Result<Server> {
-        if options.workers == 0 {
-            return Err(Error::Config("the server needs at least one worker".into()));
-        }
-        if options.prefetch == 0 {
-            return Err(Error::Config(
-                "the prefetch count must be at least 1".into(),
-            ));
-        }
+    /// [`Error::Config`] for bad options (no queue, a queue served twice, zero workers or
+    /// prefetch), a bad URL or refused credentials; [`Error::Connect`] when the broker cannot
+    /// be reached; [`Error::Amqp`] when it refuses a queue (declared elsewhere with other
+    /// arguments, for example). Once started, the server reconnects on its own instead.
+    pub fn start(self) -> Result<Server> {
+        validate(&self.services)?;
         let (stop_sender, stop) = bounded::<Stop>(0);
         let shutdown = ShutdownHandle {
             sender: Arc::new(Mutex::new(Some(stop_sender))),
         };
         let (started_sender, started) = bounded(1);
         let supervisor = Supervisor {
-            brokers: Brokers::parse(url)?,
-            options,
-            handler: Arc::new(handler),
+            brokers: Brokers::parse(&self.urls)?,
+            options: self.options,
+            services: self.services.into_iter().map(Arc::new).collect(),
             stop,
         };
         let supervisor = thread::Builder::new()
@@ -201,6 +277,59 @@ impl Server {
             Err(_) => Err(supervisor_outcome(supervisor)
                 .err()
                 .unwrap_or_else(|| Error::Config("the server stopped before it started".into()))),
+        }
+    }
+}
+
+fn validate(services: &[Service]) -> Result<()> {
+    if services.is_empty() {
+        return Err(Error::Config("the server has no queue to serve".into()));
+    }
+    let mut seen = HashSet::new();
+    for service in services {
+        let queue = &service.queue;
+        if !seen.insert(queue.as_str()) {
+            return Err(Error::Config(format!("queue '{queue}' is served twice")));
+        }
+        if service.options.workers == 0 {
+            return Err(Error::Config(format!(
+                "queue '{queue}' needs at least one worker"
+            )));
+        }
+        if service.options.prefetch == 0 {
+            return Err(Error::Config(format!(
+                "queue '{queue}': the prefetch count must be at least 1"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A running server. Dropping it shuts it down gracefully and waits.
+pub struct Server {
+    shutdown: ShutdownHandle,
+    supervisor: Option<JoinHandle<Result<()>>>,
+}
+
+impl Server {
+    /// Serves one `queue` with `handler`, with default options: a shorthand for
+    /// `Server::builder(url).serve(queue, QueueOptions::default(), handler).start()`.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ServerBuilder::start`].
+    pub fn start(url: &str, queue: &str, handler: impl Handler) -> Result<Server> {
+        Server::builder(url)
+            .serve(queue, QueueOptions::default(), handler)
+            .start()
+    }
+
+    /// A builder for a server of several queues, or with options.
+    pub fn builder(url: &str) -> ServerBuilder {
+        ServerBuilder {
+            urls: url.to_string(),
+            options: ServerOptions::default(),
+            services: Vec::new(),
         }
     }
 
@@ -251,10 +380,10 @@ fn supervisor_outcome(supervisor: JoinHandle<Result<()>>) -> Result<()> {
 }
 
 /// Owns the connection: (re)connects, starts workers, watches them, and shuts down.
-struct Supervisor<H> {
+struct Supervisor {
     brokers: Brokers,
     options: ServerOptions,
-    handler: Arc<H>,
+    services: Vec<Arc<Service>>,
     stop: Receiver<Stop>,
 }
 
@@ -266,7 +395,7 @@ enum SessionEnd {
     Lost(Error),
 }
 
-impl<H: Handler> Supervisor<H> {
+impl Supervisor {
     fn run(self, started: Sender<Result<()>>) -> Result<()> {
         let mut started = Some(started);
         let min_delay = Duration::from_millis(100);
@@ -308,19 +437,23 @@ impl<H: Handler> Supervisor<H> {
     /// Connects, serves until shutdown or a failure, and closes the connection.
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
         let mut connection = self.brokers.connect(&self.options.connect)?;
-        declare_queue(&mut connection, &self.options)?;
-        let channels = (0..self.options.workers)
-            .map(|_| connection.open_channel(None))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let (ready_sender, ready) = bounded(self.options.workers);
+        for service in &self.services {
+            declare_queue(&mut connection, service)?;
+        }
+        let mut channels = Vec::new();
+        for service in &self.services {
+            for _ in 0..service.options.workers {
+                channels.push((Arc::clone(service), connection.open_channel(None)?));
+            }
+        }
+        let total = channels.len();
+        let (ready_sender, ready) = bounded(total);
         let (ended_sender, ended) = unbounded();
-        let mut workers = Vec::with_capacity(self.options.workers);
-        for (index, channel) in channels.into_iter().enumerate() {
+        let mut workers = Vec::with_capacity(total);
+        for (index, (service, channel)) in channels.into_iter().enumerate() {
             let worker = Worker {
                 channel,
-                queue: self.options.queue.clone(),
-                prefetch: self.options.prefetch,
-                handler: Arc::clone(&self.handler),
+                service,
                 stop: self.stop.clone(),
             };
             let ready_sender = ready_sender.clone();
@@ -344,7 +477,7 @@ impl<H: Handler> Supervisor<H> {
         // A worker that ends with Ok saw the stop signal; one that ends with Err failed.
         let mut failure = None;
         let mut ready_workers = 0;
-        while ready_workers < self.options.workers {
+        while ready_workers < total {
             select! {
                 recv(ready) -> _ => ready_workers += 1,
                 recv(ended) -> outcome => {
@@ -353,11 +486,13 @@ impl<H: Handler> Supervisor<H> {
                 }
             }
         }
-        if failure.is_none() && ready_workers == self.options.workers {
-            info!(
-                "serving queue '{}' with {} workers",
-                self.options.queue, self.options.workers
-            );
+        if failure.is_none() && ready_workers == total {
+            for service in &self.services {
+                info!(
+                    "serving queue '{}' with {} workers",
+                    service.queue, service.options.workers
+                );
+            }
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
@@ -412,20 +547,23 @@ fn join_all(workers: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Declares the server queue, on a channel of its own.
-fn declare_queue(connection: &mut Connection, options: &ServerOptions) -> Result<()> {
+/// Declares a service's queue, on a channel of its own.
+fn declare_queue(connection: &mut Connection, service: &Service) -> Result<()> {
     let channel = connection.open_channel(None)?;
-    channel.queue_declare(options.queue.as_str(), queue_declare_options(options))?;
+    channel.queue_declare(
+        service.queue.as_str(),
+        queue_declare_options(&service.options),
+    )?;
     debug!(
         "declared {:?} queue '{}'",
-        options.queue_type, options.queue
+        service.options.queue_type, service.queue
     );
     channel.close()?;
     Ok(())
 }
 
 /// How the server queue is declared; see [`QueueType`].
-fn queue_declare_options(options: &ServerOptions) -> QueueDeclareOptions {
+fn queue_declare_options(options: &QueueOptions) -> QueueDeclareOptions {
     match options.queue_type {
         QueueType::Classic => QueueDeclareOptions::default(),
         QueueType::Quorum => {
@@ -461,22 +599,21 @@ fn is_retryable(error: &Error) -> bool {
     !matches!(error, Error::Config(_))
 }
 
-/// One worker thread's state: its channel, and what it needs to serve.
-struct Worker<H> {
+/// One worker thread's state: its channel, and the queue it serves.
+struct Worker {
     channel: Channel,
-    queue: String,
-    prefetch: u16,
-    handler: Arc<H>,
+    service: Arc<Service>,
     stop: Receiver<Stop>,
 }
 
-impl<H: Handler> Worker<H> {
+impl Worker {
     /// Serves until shutdown (`Ok`) or until the channel or connection fails (`Err`).
     fn run(self, ready: Sender<()>) -> Result<()> {
-        self.channel.qos(0, self.prefetch, false)?;
+        let queue = self.service.queue.as_str();
+        self.channel.qos(0, self.service.options.prefetch, false)?;
         let consumer = self
             .channel
-            .basic_consume(self.queue.as_str(), ConsumerOptions::default())?;
+            .basic_consume(queue, ConsumerOptions::default())?;
         let deliveries = consumer.receiver().clone();
         let _ = ready.send(());
         let failure = loop {
@@ -491,7 +628,7 @@ impl<H: Handler> Worker<H> {
                         break Some(Error::lost(amiquip::Error::ServerClosedChannel {
                             channel_id: self.channel.channel_id(),
                             code: 0,
-                            message: format!("the broker cancelled the consumer of '{}' (queue deleted?)", self.queue),
+                            message: format!("the broker cancelled the consumer of '{queue}' (queue deleted?)"),
                         }));
                     }
                     Ok(ConsumerMessage::ServerClosedChannel(error)
@@ -505,10 +642,13 @@ impl<H: Handler> Worker<H> {
                 recv(self.stop) -> _ => break None,
             }
         };
-        // Dropping a consumer before the broker confirms its cancel can kill the connection
-        // (shared/amiquip-notes.md). After a failure the cancel usually fails at once, on a dead
-        // connection; that is fine, the supervisor closes it anyway.
-        let cancelled = cancel_and_requeue(&consumer, &deliveries);
+        // After a failure the cancel usually fails at once, on a dead connection; that is
+        // fine, the supervisor closes it anyway. Deliveries that raced the cancel go back to
+        // the queue, for another worker or server.
+        let cancelled =
+            crate::consumer::cancel(&consumer, &deliveries, Duration::from_secs(5), |delivery| {
+                consumer.nack(delivery, true)
+            });
         drop(consumer);
         match failure {
             Some(error) => Err(error),
@@ -521,68 +661,59 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Answers one request, then acks it.
-    fn serve(&self, delivery: Delivery) -> Result<()> {
-        let Some(reply_to) = delivery.properties.reply_to().clone() else {
+    fn serve(&self, mut delivery: Delivery) -> Result<()> {
+        // The body and properties move into the request; the rest of the delivery is kept for
+        // the ack.
+        let request = wire::request_from(
+            std::mem::take(&mut delivery.body),
+            std::mem::take(&mut delivery.properties),
+            delivery.redelivered,
+            &self.service.queue,
+        );
+        let Some(reply_to) = request.reply_to() else {
             warn!(
                 "dropping a request without reply_to (correlation id {:?}): nobody to answer",
-                delivery.properties.correlation_id()
+                request.correlation_id()
             );
             delivery.ack(&self.channel)?;
             return Ok(());
         };
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.handler.handle(&delivery.body)))
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.service.handler.handle(&request)))
             .unwrap_or_else(|panic| {
-                Err(format!("the handler panicked: {}", panic_message(&*panic)))
+                Err(HandlerError::failed(format!(
+                    "the handler panicked: {}",
+                    panic_message(&*panic)
+                )))
             });
-        let mut properties = AmqpProperties::default();
-        if let Some(correlation_id) = delivery.properties.correlation_id() {
-            properties = properties.with_correlation_id(correlation_id.clone());
-        }
-        let body = match outcome {
-            Ok(body) => body,
-            Err(message) => {
+        let correlation_id = request.correlation_id();
+        let (body, properties) = match outcome {
+            Ok(reply) => {
+                let properties = wire::reply_properties(&reply, correlation_id);
+                (reply.into_body(), properties)
+            }
+            Err(error) => {
                 warn!(
-                    "answering request {:?} with an error: {message}",
-                    delivery.properties.correlation_id()
+                    "answering request {correlation_id:?} on '{}' with an error: {error}",
+                    self.service.queue
                 );
-                let mut headers = FieldTable::new();
-                headers.insert(
-                    ERROR_HEADER.to_string(),
-                    AmqpValue::LongString(message.clone()),
-                );
-                properties = properties.with_headers(headers);
-                message.into_bytes()
+                let properties = wire::error_properties(&error, correlation_id);
+                (error.message().as_bytes().to_vec(), properties)
             }
         };
         self.channel.basic_publish(
             "",
             Publish {
                 body: &body,
-                routing_key: reply_to,
+                routing_key: reply_to.to_string(),
                 mandatory: false,
                 immediate: false,
                 properties,
             },
         )?;
-        trace!("replied to {:?}", delivery.properties.correlation_id());
+        trace!("replied to {correlation_id:?}");
         delivery.ack(&self.channel)?;
         Ok(())
     }
-}
-
-/// Cancels `consumer` and reads `deliveries` until the broker confirms the cancel (or the
-/// channel ends, or 5 s pass). Deliveries that raced the cancel go back to the queue, for
-/// another worker or server.
-fn cancel_and_requeue(consumer: &Consumer, deliveries: &Receiver<ConsumerMessage>) -> Result<()> {
-    consumer.cancel()?;
-    let give_up = Instant::now() + Duration::from_secs(5);
-    while let Ok(message) = deliveries.recv_deadline(give_up) {
-        match message {
-            ConsumerMessage::Delivery(delivery) => consumer.nack(delivery, true)?,
-            _ => break,
-        }
-    }
-    Ok(())
 }
 
 /// The text of a panic's payload, when it has one.

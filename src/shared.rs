@@ -1,9 +1,9 @@
 //! One connection shared by the clients of many threads.
 //!
-//! A [`Client`] is bound to the thread that made it, and by default owns a connection, and so an
+//! A [`crate::Client`] is bound to the thread that made it, and by default owns a connection, and so an
 //! amiquip I/O thread, of its own. Eight threads with eight connections make eight I/O threads
 //! compete for the cores. A [`SharedConnection`] is one connection that any thread can open
-//! clients on: each [`Client`] then has its own channel and reply queue on it, so no thread
+//! clients on ([`crate::Client::on_shared`]): each client then has its own channel and reply queue on it, so no thread
 //! waits on another's call, and the lock is held only while a channel is opened.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,14 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use amiquip::{Channel, Connection};
 use log::{debug, warn};
 
-use crate::client::{Client, ClientOptions};
 use crate::connect::{Brokers, ConnectOptions};
 use crate::error::Result;
 
 /// A connection that clients on many threads share; cheap to clone, `Send` and `Sync`.
 ///
 /// ```no_run
-/// use amqp_rpc::{ClientOptions, ConnectOptions, SharedConnection};
+/// use amqp_rpc::{Client, ClientOptions, ConnectOptions, SharedConnection};
 ///
 /// # fn main() -> amqp_rpc::Result<()> {
 /// let shared = SharedConnection::open(amqp_rpc::DEFAULT_URL, ConnectOptions::default())?;
@@ -26,7 +25,7 @@ use crate::error::Result;
 ///     .map(|_| {
 ///         let shared = shared.clone();
 ///         std::thread::spawn(move || -> amqp_rpc::Result<()> {
-///             let mut client = shared.client(ClientOptions::default())?;
+///             let mut client = Client::on_shared(&shared, ClientOptions::default())?;
 ///             client.fib(30)?;
 ///             client.close()
 ///         })
@@ -56,7 +55,7 @@ impl SharedConnection {
     ///
     /// # Errors
     ///
-    /// Those of [`crate::connect::open`].
+    /// Those of [`crate::Client::with_options`] when it connects.
     pub fn open(url: &str, options: ConnectOptions) -> Result<SharedConnection> {
         let brokers = Brokers::parse(url)?;
         let connection = brokers.connect(&options)?;
@@ -67,16 +66,6 @@ impl SharedConnection {
                 connection: Mutex::new(Some(connection)),
             }),
         })
-    }
-
-    /// Makes a client on this connection, for use on the calling thread. `options.connect` is
-    /// not used: the connection is already made.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Client::with_options`].
-    pub fn client(&self, options: ClientOptions) -> Result<Client> {
-        Client::on_shared(self.clone(), options)
     }
 
     /// Opens a channel, first connecting again if the connection is gone.

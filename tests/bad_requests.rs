@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
-use amqp_rpc::{Error, QueueType, Server, ServerOptions, fib};
+use amqp_rpc::{Error, HandlerError, QueueOptions, QueueType, Request, Server, fib};
 use common::{
     QueueGuard, ReplyId, client_for, declare_queue, raw_connection, ready_messages, scripted_peer,
     start_server, unique_queue,
@@ -17,8 +17,8 @@ use common::{
 
 const MAX_N: u64 = 1000;
 
-fn fib_handler(request: &[u8]) -> Result<Vec<u8>, String> {
-    fib::handle_request(request, MAX_N)
+fn fib_handler(request: &Request) -> Result<Vec<u8>, HandlerError> {
+    fib::handle_request(request.body(), MAX_N)
 }
 
 #[test]
@@ -84,15 +84,15 @@ fn a_panicking_handler_gets_an_error_reply_and_the_pool_keeps_its_size() {
     let running = Arc::new(AtomicUsize::new(0));
     let most_running = Arc::new(AtomicUsize::new(0));
     let (now, most) = (Arc::clone(&running), Arc::clone(&most_running));
-    let server = start_server(&queue, WORKERS, move |request: &[u8]| {
-        if request == b"boom" {
+    let server = start_server(&queue, WORKERS, move |request: &Request| {
+        if request.body() == b"boom" {
             panic!("asked to fail");
         }
         let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
         most.fetch_max(at_once, Ordering::SeqCst);
         thread::sleep(Duration::from_millis(300));
         now.fetch_sub(1, Ordering::SeqCst);
-        Ok(request.to_vec())
+        Ok(request.body().to_vec())
     });
 
     let mut client = client_for(&queue, Duration::from_secs(10));
@@ -124,7 +124,7 @@ fn a_request_without_reply_to_is_acked_and_never_requeued() {
     let handled = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&handled);
     // One worker with qos(1): had the request been left unacked, nothing else would be served.
-    let server = start_server(&queue, 1, move |request: &[u8]| {
+    let server = start_server(&queue, 1, move |request: &Request| {
         counter.fetch_add(1, Ordering::SeqCst);
         fib_handler(request)
     });
@@ -192,7 +192,7 @@ fn a_request_nobody_served_in_time_expires_on_the_broker() {
     // A server that starts now never sees it.
     let handled = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&handled);
-    let server = start_server(&queue, 1, move |request: &[u8]| {
+    let server = start_server(&queue, 1, move |request: &Request| {
         counter.fetch_add(1, Ordering::SeqCst);
         fib_handler(request)
     });
@@ -262,16 +262,17 @@ fn a_poison_request_on_a_quorum_queue_is_dead_lettered_after_its_delivery_limit(
 
     // The server declares the queue; then it goes, and the request meets only "servers" that
     // die holding it.
-    let options = ServerOptions {
-        queue: queue.clone(),
+    let options = QueueOptions {
         workers: 1,
         queue_type: QueueType::Quorum,
         delivery_limit: Some(LIMIT),
         dead_letter_exchange: Some(String::new()),
         dead_letter_routing_key: Some(graveyard.clone()),
-        ..ServerOptions::default()
+        ..QueueOptions::default()
     };
-    Server::start(&common::require_broker(), options, fib_handler)
+    Server::builder(&common::require_broker())
+        .serve(&queue, options, fib_handler)
+        .start()
         .unwrap()
         .shutdown()
         .unwrap();

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use amqp_rpc::bench::{self, BenchOptions, BenchReport};
-use amqp_rpc::{ClientOptions, QueueType, Server, ServerOptions, fib};
+use amqp_rpc::{ClientOptions, QueueOptions, QueueType, Request, Server, ServerOptions, fib};
 use common::unique_queue;
 
 const NODES: [(&str, u16); 3] = [("c1", 5681), ("c2", 5682), ("c3", 5683)];
@@ -63,7 +62,7 @@ struct ClusterQueue(String);
 
 impl Drop for ClusterQueue {
     fn drop(&mut self) {
-        if let Ok(mut connection) = amqp_rpc::connect::open(&urls_from(0), &Default::default())
+        if let Ok(mut connection) = amiquip::Connection::insecure_open(&url(0))
             && let Ok(channel) = connection.open_channel(None)
         {
             let _ = channel.queue_delete(self.0.as_str(), Default::default());
@@ -73,26 +72,70 @@ impl Drop for ClusterQueue {
 }
 
 fn quorum_server(urls: &str, queue: &str, served: Arc<AtomicUsize>) -> Server {
-    let options = ServerOptions {
-        queue: queue.to_string(),
+    let options = QueueOptions {
         workers: 4,
         queue_type: QueueType::Quorum,
-        ..ServerOptions::default()
+        ..QueueOptions::default()
     };
-    Server::start(urls, options, move |request: &[u8]| {
-        served.fetch_add(1, Ordering::SeqCst);
-        fib::handle_request(request, 10_000)
-    })
-    .expect("start a server on the cluster")
+    Server::builder(urls)
+        .serve(queue, options, move |request: &Request| {
+            served.fetch_add(1, Ordering::SeqCst);
+            fib::handle_request(request.body(), 10_000)
+        })
+        .start()
+        .expect("start a server on the cluster")
 }
 
-fn bench_options(calls: usize) -> BenchOptions {
-    BenchOptions {
-        calls,
-        threads: 4,
-        inflight: 2,
-        request: b"300".to_vec(),
-        expected_reply: Some(fib::fib(300).to_string().into_bytes()),
+/// A classic-queue Fibonacci server of `queue` on the broker at `url`.
+fn classic_server(url: &str, queue: &str, options: ServerOptions) -> Server {
+    Server::builder(url)
+        .options(options)
+        .serve(queue, QueueOptions::with_workers(2), |request: &Request| {
+            fib::handle_request(request.body(), 1000)
+        })
+        .start()
+        .unwrap()
+}
+
+/// What `client --bench` reported.
+#[derive(Debug)]
+struct BenchReport {
+    errors: usize,
+    connection_errors: usize,
+    mismatched: usize,
+    elapsed: Duration,
+}
+
+/// Runs `client --bench` against `queue` on the brokers `urls`: `calls` calls of fib(300) from
+/// 4 threads with 2 calls in flight each, every answer checked.
+fn bench(urls: &str, queue: &str, calls: usize, extra: &[&str]) -> BenchReport {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_client"))
+        .args(["--url", urls, "--queue", queue, "--bench", "--calls"])
+        .arg(calls.to_string())
+        .args(["--threads", "4", "--inflight", "2"])
+        .args(extra)
+        .arg("300")
+        .output()
+        .expect("run the client binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figure = |name: &str| -> u64 {
+        stdout
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
+            .parse()
+            .unwrap()
+    };
+    BenchReport {
+        errors: figure("errors") as usize,
+        connection_errors: figure("connection_errors") as usize,
+        mismatched: figure("mismatched") as usize,
+        elapsed: Duration::from_millis(figure("elapsed_ms")),
     }
 }
 
@@ -106,12 +149,8 @@ fn servers_on_different_nodes_share_the_load() {
     let first = quorum_server(&url(0), &queue, Arc::clone(&on_c1));
     let second = quorum_server(&url(1), &queue, Arc::clone(&on_c2));
 
-    let client = ClientOptions {
-        queue: queue.clone(),
-        ..ClientOptions::default()
-    };
-    let report = bench::run(&url(2), &client, &bench_options(2000), |_, _| {}).unwrap();
-    assert_eq!(report.errors, 0, "{report}");
+    let report = bench(&url(2), &queue, 2000, &[]);
+    assert_eq!(report.errors, 0, "{report:?}");
     let (c1, c2) = (on_c1.load(Ordering::SeqCst), on_c2.load(Ordering::SeqCst));
     assert_eq!(c1 + c2, 2000);
     assert!(
@@ -130,15 +169,10 @@ fn a_server_rides_out_a_restart_of_its_only_broker_and_declares_its_queue_again(
     let _guard = ClusterQueue(queue.clone());
     // A classic, non-durable queue, as the tutorial declares it: the restart deletes it.
     let options = ServerOptions {
-        queue: queue.clone(),
-        workers: 2,
         max_reconnect_delay: Duration::from_secs(1),
         ..ServerOptions::default()
     };
-    let server = Server::start(&url(0), options, |request: &[u8]| {
-        fib::handle_request(request, 1000)
-    })
-    .unwrap();
+    let server = classic_server(&url(0), &queue, options);
     let client_options = ClientOptions {
         queue: queue.clone(),
         timeout: Duration::from_secs(2),
@@ -181,28 +215,26 @@ fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {
     let served = Arc::new(AtomicUsize::new(0));
     let first = quorum_server(&urls_from(1), &queue, Arc::clone(&served));
     let second = quorum_server(&urls_from(2), &queue, Arc::clone(&served));
-    let client = ClientOptions {
-        queue: queue.clone(),
-        timeout: Duration::from_secs(30),
-        retry,
-        ..ClientOptions::default()
+    let load = {
+        let queue = queue.clone();
+        let extra: &[&str] = if retry {
+            &["--timeout", "30", "--retry"]
+        } else {
+            &["--timeout", "30"]
+        };
+        thread::spawn(move || bench(&urls_from(0), &queue, 6000, extra))
     };
-    let load =
-        thread::spawn(move || bench::run(&urls_from(0), &client, &bench_options(6000), |_, _| {}));
     thread::sleep(Duration::from_millis(1500));
     rabbitmqctl_on(0, &["stop_app"]);
     thread::sleep(Duration::from_millis(1500));
     rabbitmqctl_on(0, &["start_app"]);
-    let report = load.join().unwrap().expect("the bench runs");
+    let report = load.join().unwrap();
     first.shutdown().unwrap();
     second.shutdown().unwrap();
-    eprintln!(
-        "retry={retry}: {report} connection_errors={}",
-        report.connection_errors
-    );
+    eprintln!("retry={retry}: {report:?}");
     assert!(
         report.elapsed > Duration::from_secs(3),
-        "the load ended before the node was back: {report}"
+        "the load ended before the node was back: {report:?}"
     );
     report
 }
@@ -211,21 +243,21 @@ fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {
 fn with_retry_every_call_is_answered_through_a_node_loss() {
     let _lock = cluster_lock();
     let report = bench_through_the_loss_of_c1(true);
-    assert_eq!(report.mismatched, 0, "{report}");
-    assert_eq!(report.errors, 0, "{report}");
+    assert_eq!(report.mismatched, 0, "{report:?}");
+    assert_eq!(report.errors, 0, "{report:?}");
 }
 
 #[test]
 fn without_retry_only_the_calls_in_flight_on_the_lost_connection_fail() {
     let _lock = cluster_lock();
     let report = bench_through_the_loss_of_c1(false);
-    assert_eq!(report.mismatched, 0, "{report}");
-    assert!(report.errors > 0, "the node loss cost nothing? {report}");
-    assert_eq!(report.errors, report.connection_errors, "{report}");
+    assert_eq!(report.mismatched, 0, "{report:?}");
+    assert!(report.errors > 0, "the node loss cost nothing? {report:?}");
+    assert_eq!(report.errors, report.connection_errors, "{report:?}");
     // 4 threads with 2 calls in flight each, all on the one connection that was lost.
     assert!(
         report.errors <= 8,
-        "more than the calls in flight failed: {report}"
+        "more than the calls in flight failed: {report:?}"
     );
 }
 
@@ -243,15 +275,7 @@ fn amqps_works_with_a_trusted_certificate_and_fails_clearly_without() {
         std::path::Path::new(&ca).exists(),
         "no test CA at {ca}: scripts/cluster up makes it"
     );
-    let options = ServerOptions {
-        queue: queue.clone(),
-        workers: 2,
-        ..ServerOptions::default()
-    };
-    let server = Server::start(&url(0), options, |request: &[u8]| {
-        fib::handle_request(request, 1000)
-    })
-    .unwrap();
+    let server = classic_server(&url(0), &queue, ServerOptions::default());
 
     let client = |trust: Option<&str>| {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_client"));

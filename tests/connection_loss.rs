@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions, Error, Server, ServerOptions, fib};
+use amqp_rpc::{
+    Client, ClientOptions, Error, HandlerError, QueueOptions, Request, Server, ServerOptions, fib,
+};
 use common::proxy::FaultProxy;
 use common::{
     QueueGuard, broker_closes_connection, client_at, client_for, require_broker, start_server,
@@ -17,12 +19,12 @@ use common::{
 };
 
 /// Answers `n` with fib(n), but takes two seconds over the request `slow`.
-fn slow_or_fib(request: &[u8]) -> Result<Vec<u8>, String> {
-    if request == b"slow" {
+fn slow_or_fib(request: &Request) -> Result<Vec<u8>, HandlerError> {
+    if request.body() == b"slow" {
         thread::sleep(Duration::from_secs(2));
         return Ok(b"slow".to_vec());
     }
-    fib::handle_request(request, 1000)
+    fib::handle_request(request.body(), 1000)
 }
 
 /// Makes a call with a 20 s timeout while `break_it` breaks its connection 300 ms in, and
@@ -114,13 +116,13 @@ fn assert_server_recovers(purpose: &str, break_it: impl FnOnce(&FaultProxy)) -> 
     let queue = unique_queue(purpose);
     let _guard = QueueGuard(queue.clone());
     let proxy = FaultProxy::start(&require_broker());
-    let mut options = ServerOptions {
-        queue: queue.clone(),
-        workers: 2,
-        ..ServerOptions::default()
-    };
+    let mut options = ServerOptions::default();
     options.connect.heartbeat = 1;
-    let server = Server::start(&proxy.url(), options, slow_or_fib).unwrap();
+    let server = Server::builder(&proxy.url())
+        .options(options)
+        .serve(&queue, QueueOptions::with_workers(2), slow_or_fib)
+        .start()
+        .unwrap();
     let mut client = client_for(&queue, Duration::from_secs(5));
     assert_eq!(client.call(b"10").unwrap(), b"55");
 
@@ -164,7 +166,7 @@ fn shutdown_lets_the_request_in_flight_finish_and_stops_consuming() {
     let _guard = QueueGuard(queue.clone());
     let handled = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&handled);
-    let server = start_server(&queue, 2, move |request: &[u8]| {
+    let server = start_server(&queue, 2, move |request: &Request| {
         counter.fetch_add(1, Ordering::SeqCst);
         slow_or_fib(request)
     });

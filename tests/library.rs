@@ -8,12 +8,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::{
-    Client, ClientOptions, ConnectOptions, Error, ReplyRoute, Server, ServerOptions,
-    SharedConnection, fib,
+    Client, ClientOptions, ConnectOptions, Error, ReplyRoute, Request, SharedConnection, fib,
 };
 use common::{
     QueueGuard, ReplyId, client_for, declare_queue, raw_connection, require_broker, scripted_peer,
-    start_fib_server, unique_queue,
+    start_fib_server, start_server, unique_queue,
 };
 
 #[test]
@@ -111,19 +110,13 @@ fn workers_serve_in_parallel() {
     let running = Arc::new(AtomicUsize::new(0));
     let most_running = Arc::new(AtomicUsize::new(0));
     let (now, most) = (Arc::clone(&running), Arc::clone(&most_running));
-    let options = ServerOptions {
-        queue: queue.clone(),
-        workers: WORKERS,
-        ..ServerOptions::default()
-    };
-    let server = Server::start(&require_broker(), options, move |request: &[u8]| {
+    let server = start_server(&queue, WORKERS, move |request: &Request| {
         let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
         most.fetch_max(at_once, Ordering::SeqCst);
         thread::sleep(HANDLER_TIME);
         now.fetch_sub(1, Ordering::SeqCst);
-        Ok(request.to_vec())
-    })
-    .unwrap();
+        Ok(request.body().to_vec())
+    });
 
     // Every caller connects first, then all call at once; each times its own call.
     let connected = Arc::new(std::sync::Barrier::new(WORKERS));
@@ -204,7 +197,7 @@ fn threads_share_one_connection_each_on_its_own_channel() {
                 };
                 // Clients come and go on the shared connection while others call.
                 for round in 0..3u64 {
-                    let mut client = shared.client(options.clone()).unwrap();
+                    let mut client = Client::on_shared(&shared, options.clone()).unwrap();
                     for call in 0..20u64 {
                         let n = thread_index * 100 + round * 20 + call;
                         assert_eq!(client.fib(n).unwrap(), fib::fib(n), "fib({n})");

@@ -171,9 +171,9 @@ fn the_bench_mode_draws_a_progress_bar_on_a_terminal_when_it_runs_long() {
     let _guard = QueueGuard(queue.clone());
     // Sequential calls of at least 5 ms each: 300 of them last well over the one second after
     // which the bar appears, however fast the machine.
-    let server = start_server(&queue, 2, |request: &[u8]| {
+    let server = start_server(&queue, 2, |request: &amqp_rpc::Request| {
         std::thread::sleep(Duration::from_millis(5));
-        amqp_rpc::fib::handle_request(request, 100)
+        amqp_rpc::fib::handle_request(request.body(), 100)
     });
     // `script` gives the client a terminal.
     let command = format!(

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::ExitCode;
 
-use amqp_rpc::{QueueType, Server, ServerOptions, fib, server};
+use amqp_rpc::{QueueOptions, QueueType, Request, Server, ServerOptions, fib};
 use clap::Parser;
 use log::debug;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -65,9 +65,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> amqp_rpc::Result<()> {
-    let mut options = ServerOptions {
-        queue: args.broker.queue.clone(),
-        workers: args.workers.unwrap_or_else(server::default_workers),
+    let queue_options = QueueOptions {
+        workers: args.workers.unwrap_or_else(amqp_rpc::default_workers),
         prefetch: args.prefetch,
         queue_type: match args.queue_type {
             QueueKind::Classic => QueueType::Classic,
@@ -76,18 +75,28 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         delivery_limit: (args.delivery_limit > 0).then_some(args.delivery_limit),
         dead_letter_exchange: args.dead_letter_exchange,
         dead_letter_routing_key: args.dead_letter_routing_key,
-        ..ServerOptions::default()
     };
+    let mut options = ServerOptions::default();
     options.connect.heartbeat = args.heartbeat;
     // Installed first, so that a signal during start-up is not lost: it stops the server as
     // soon as it has started.
     let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| amqp_rpc::Error::Config(format!("cannot install signal handlers: {e}")))?;
     let max_n = args.max_n;
-    let server = Server::start(&args.broker.url_list(), options, move |request: &[u8]| {
-        debug!(" [.] fib({})", String::from_utf8_lossy(request).trim());
-        fib::handle_request(request, max_n)
-    })?;
+    let server = Server::builder(&args.broker.url_list())
+        .options(options)
+        .serve(
+            &args.broker.queue,
+            queue_options,
+            move |request: &Request| {
+                debug!(
+                    " [.] fib({})",
+                    String::from_utf8_lossy(request.body()).trim()
+                );
+                fib::handle_request(request.body(), max_n)
+            },
+        )
+        .start()?;
     println!(" [x] Awaiting RPC requests");
 
     let shutdown = server.shutdown_handle();

@@ -14,19 +14,28 @@ use amiquip::{
     AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Publish,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use amqp_rpc::connect::{self, BrokerAddress, ConnectOptions};
-use amqp_rpc::{Client, ClientOptions, Handler, Server, ServerOptions, fib};
+use amqp_rpc::{Client, ClientOptions, Handler, QueueOptions, Request, Server, fib};
 
 /// The broker the tests use: `AMQP_URL`, else the local default.
 pub fn broker_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| amqp_rpc::DEFAULT_URL.to_string())
 }
 
+/// The host and port of an `amqp://` URL.
+pub fn host_and_port(url: &str) -> (String, u16) {
+    let parsed = url::Url::parse(url).expect("AMQP_URL is not a valid broker URL");
+    let host = parsed.host_str().expect("the broker URL has a host");
+    (
+        host.trim_matches(['[', ']']).to_string(),
+        parsed.port().unwrap_or(5672),
+    )
+}
+
 /// Fails the test, saying how to start a broker, when none accepts connections.
 pub fn require_broker() -> String {
     let url = broker_url();
-    let address = BrokerAddress::parse(&url).expect("AMQP_URL is not a valid broker URL");
-    let reachable = (address.host.as_str(), address.port)
+    let (host, port) = host_and_port(&url);
+    let reachable = (host.as_str(), port)
         .to_socket_addrs()
         .into_iter()
         .flatten()
@@ -37,7 +46,7 @@ pub fn require_broker() -> String {
          `rabbitmq-server -detached` (install it with `apt-get install rabbitmq-server`), or \
          `docker run -d -p 5672:5672 rabbitmq:3`, or run `bash .ci/run`, which does it for you; \
          set AMQP_URL to use another broker.",
-        address.host, address.port
+        host, port
     );
     url
 }
@@ -47,9 +56,9 @@ pub fn unique_queue(purpose: &str) -> String {
     format!("amqp-rpc-test-{purpose}-{}", uuid::Uuid::new_v4())
 }
 
-/// A plain amiquip connection for a test's own set-up and checks.
+/// A plain amiquip connection for a test's own set-up and checks, and for hand-made peers.
 pub fn raw_connection() -> Connection {
-    connect::open(&require_broker(), &ConnectOptions::default()).expect("connect to the broker")
+    Connection::insecure_open(&require_broker()).expect("connect to the broker")
 }
 
 /// Deletes the named queue when dropped, so tests leave nothing behind on the broker.
@@ -57,7 +66,7 @@ pub struct QueueGuard(pub String);
 
 impl Drop for QueueGuard {
     fn drop(&mut self) {
-        if let Ok(mut connection) = connect::open(&broker_url(), &ConnectOptions::default())
+        if let Ok(mut connection) = Connection::insecure_open(&broker_url())
             && let Ok(channel) = connection.open_channel(None)
         {
             let _ = channel.queue_delete(self.0.as_str(), QueueDeleteOptions::default());
@@ -75,18 +84,16 @@ pub fn declare_queue(channel: &Channel, queue: &str) {
 
 /// Starts a server with `handler` on `queue` with `workers` workers.
 pub fn start_server<H: Handler>(queue: &str, workers: usize, handler: H) -> Server {
-    let options = ServerOptions {
-        queue: queue.to_string(),
-        workers,
-        ..ServerOptions::default()
-    };
-    Server::start(&require_broker(), options, handler).expect("start the server")
+    Server::builder(&require_broker())
+        .serve(queue, QueueOptions::with_workers(workers), handler)
+        .start()
+        .expect("start the server")
 }
 
 /// Starts a Fibonacci server on `queue` with `workers` workers.
 pub fn start_fib_server(queue: &str, workers: usize) -> Server {
-    start_server(queue, workers, |request: &[u8]| {
-        fib::handle_request(request, fib::DEFAULT_MAX_N)
+    start_server(queue, workers, |request: &Request| {
+        fib::handle_request(request.body(), fib::DEFAULT_MAX_N)
     })
 }
 
@@ -105,17 +112,59 @@ pub fn client_at(url: &str, queue: &str, timeout: Duration) -> Client {
     Client::with_options(url, options).expect("connect the client")
 }
 
-/// Messages ready in `queue` (not delivered to any consumer).
-pub fn ready_messages(queue: &str) -> u32 {
+/// (messages ready, consumers) of `queue`, from a passive declare.
+fn queue_counts(queue: &str) -> (u32, u32) {
     let mut connection = raw_connection();
     let channel = connection.open_channel(None).unwrap();
-    let count = channel
+    let declared = channel
         .queue_declare_passive(queue)
-        .expect("the queue exists")
+        .expect("the queue exists");
+    let counts = declared
         .declared_message_count()
-        .expect("a passive declare reports the count");
+        .zip(declared.declared_consumer_count())
+        .expect("a passive declare reports the counts");
     connection.close().unwrap();
-    count
+    counts
+}
+
+/// Messages ready in `queue` (not delivered to any consumer).
+pub fn ready_messages(queue: &str) -> u32 {
+    queue_counts(queue).0
+}
+
+/// Consumers of `queue`, as the broker counts them.
+pub fn consumers(queue: &str) -> u32 {
+    queue_counts(queue).1
+}
+
+/// Requests of `queue` delivered to a server and not yet acked, as the broker counts them.
+pub fn unacked_messages(queue: &str) -> u32 {
+    let listing = rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "messages_unacknowledged",
+        "--no-table-headers",
+        "-q",
+    ]);
+    listing
+        .lines()
+        .find_map(|line| {
+            let (name, count) = line.split_once('\t')?;
+            (name == queue).then(|| count.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("the broker lists no queue {queue}"))
+}
+
+/// Polls `condition` every 20 ms until it holds; fails with `what` after 10 s.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "never happened: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs `rabbitmqctl` with `args`, fails the test if it fails, and returns what it printed.
@@ -173,6 +222,51 @@ pub fn pika_script(name: &str) -> String {
     format!("{}/tests/pika/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Publishes `body` to `queue` from a plain amiquip client and returns the raw reply delivery,
+/// so that a test can read exactly what went over the wire.
+pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    let reply_queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    let consumer = reply_queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..ConsumerOptions::default()
+        })
+        .unwrap();
+    let properties = AmqpProperties::default()
+        .with_reply_to(reply_queue.name().to_string())
+        .with_correlation_id("raw".to_string());
+    channel
+        .basic_publish(
+            "",
+            Publish::with_properties(body, queue.to_string(), properties),
+        )
+        .unwrap();
+    let reply = match consumer.receiver().recv_timeout(Duration::from_secs(10)) {
+        Ok(ConsumerMessage::Delivery(delivery)) => delivery,
+        other => panic!("no reply: {other:?}"),
+    };
+    // The safe end of a consumer (docs/amiquip.md): cancel, read until confirmed.
+    consumer.cancel().unwrap();
+    for message in consumer.receiver().iter() {
+        if !matches!(message, ConsumerMessage::Delivery(_)) {
+            break;
+        }
+    }
+    drop(consumer);
+    connection.close().unwrap();
+    reply
+}
+
 /// Which correlation id a scripted reply carries.
 pub enum ReplyId {
     /// The request's own.
@@ -217,7 +311,7 @@ pub fn scripted_peer(
             }
             consumer.ack(request).unwrap();
         }
-        // The safe end of a consumer (shared/amiquip-notes.md): cancel, read until confirmed.
+        // The safe end of a consumer (docs/amiquip.md): cancel, read until confirmed.
         consumer.cancel().unwrap();
         for message in deliveries.iter() {
             if matches!(message, ConsumerMessage::ClientCancelled) {

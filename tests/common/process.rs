@@ -65,6 +65,24 @@ pub fn our_server(queue: &str) -> Command {
     command
 }
 
+/// An example program built by `cargo test` (which builds every example) beside the binaries.
+pub fn example(name: &str) -> Command {
+    let binaries = std::path::Path::new(env!("CARGO_BIN_EXE_client"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = binaries.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "no example {name} at {}: `cargo test` builds the examples; run it, or \
+         `cargo build --examples`, first",
+        path.display()
+    );
+    let mut command = Command::new(path);
+    command.args(["--url", &require_broker()]);
+    command
+}
+
 /// Sends `signal` (as `kill` names it: TERM, INT, KILL) to `child`.
 pub fn send_signal(child: &Child, signal: &str) {
     let status = Command::new("kill")

@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use amqp_rpc::connect::BrokerAddress;
-
 /// One forwarded connection: the accepted side and the broker side.
 struct Link {
     downstream: TcpStream,
@@ -31,8 +29,8 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free local port and forwards to the broker of `broker_url`.
     pub fn start(broker_url: &str) -> FaultProxy {
-        let broker = BrokerAddress::parse(broker_url).unwrap();
-        let upstream_address = format!("{}:{}", broker.host, broker.port);
+        let (host, port) = super::host_and_port(broker_url);
+        let upstream_address = format!("{host}:{port}");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = FaultProxy {
             address: listener.local_addr().unwrap(),

@@ -1,10 +1,10 @@
-//! A load generator: many calls from several threads, with several in flight per thread.
+//! `client --bench`: many calls from several threads, with several in flight per thread.
 //!
-//! Used by `client --bench`. Each thread has its own [`Client`], all on one
-//! [`SharedConnection`], the way a program with many calling threads should. With `inflight`
-//! above 1 a thread sends its calls in batches of that size with [`Client::call_many`], and
-//! every call of a batch is counted with the batch's latency. Errors are counted, not fatal: a call that fails is
-//! followed by the next (which reconnects if the connection was lost).
+//! Each thread has its own [`Client`], all on one [`SharedConnection`], the way a program with
+//! many calling threads should. With `inflight` above 1 a thread sends its calls in batches of
+//! that size with [`Client::call_many`], and every call of a batch is counted with the batch's
+//! latency. Errors are counted, not fatal: a call that fails is followed by the next (which
+//! reconnects if the connection was lost).
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,9 +12,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, ClientOptions};
-use crate::error::{Error, Result};
-use crate::shared::SharedConnection;
+use amqp_rpc::{Client, ClientOptions, Error, Result, SharedConnection};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -86,7 +84,7 @@ impl fmt::Display for BenchReport {
 /// # Errors
 ///
 /// [`Error::Config`] for zero threads or zero in flight, and the errors of
-/// [`SharedConnection::open`] and [`SharedConnection::client`] when the threads cannot connect
+/// [`SharedConnection::open`] and [`Client::on_shared`] when the threads cannot connect
 /// at the start.
 pub fn run(
     url: &str,
@@ -111,7 +109,7 @@ pub fn run(
                 (shared.clone(), client.clone(), options.clone());
             let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
             thread::spawn(move || -> Result<(Tally, Instant)> {
-                let client = shared.client(client_options);
+                let client = Client::on_shared(&shared, client_options);
                 connected.wait();
                 let tally = call_repeatedly(&mut client?, share, &options, &done);
                 Ok((tally, Instant::now()))

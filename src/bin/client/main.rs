@@ -1,16 +1,20 @@
-//! `client`: asks a server for fib(N), as the tutorial's `rpc_client.py`, or benchmarks it.
+//! `client`: asks a server for fib(N), as the tutorial's `rpc_client.py`, calls any other
+//! service with `--body`, or benchmarks a server with `--bench`.
 
+mod bench;
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::bench::{self, BenchOptions};
-use amqp_rpc::{Client, ClientOptions, ReplyRoute, fib};
+use amqp_rpc::{Call, Client, ClientOptions, ReplyRoute, fib};
+use bench::BenchOptions;
 use clap::Parser;
 
-/// Asks an RPC server on RabbitMQ for fib(N) and prints the answer.
+/// Asks an RPC server on RabbitMQ for fib(N) and prints the answer; with --body, sends any
+/// request and prints the reply body as it is.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -32,7 +36,7 @@ struct Args {
     retry: bool,
 
     /// Benchmark instead: make --calls calls of fib(N), check every answer, and print
-    /// `slowest_us=S connection_errors=C mismatched=M`, then, last, the summary line
+    /// `slowest_us=S connection_errors=C mismatched=M elapsed_ms=T`, then, last, the summary line
     /// `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
     #[arg(long)]
     bench: bool,
@@ -50,9 +54,33 @@ struct Args {
     #[arg(long, default_value_t = 1, requires = "bench")]
     inflight: usize,
 
+    /// Send TEXT as the request body instead of a Fibonacci request, and print the reply body
+    /// as it is.
+    #[arg(long, value_name = "TEXT", conflicts_with = "bench")]
+    body: Option<String>,
+
+    /// With --body: a request header, NAME=VALUE (a string); repeat for more.
+    #[arg(long = "header", value_name = "NAME=VALUE", requires = "body", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+
+    /// With --body: the request's content type (such as application/json).
+    #[arg(long, value_name = "TYPE", requires = "body")]
+    content_type: Option<String>,
+
     /// Which Fibonacci number to ask for (a non-negative integer).
-    #[arg(allow_negative_numbers = true)]
-    n: u64,
+    #[arg(
+        allow_negative_numbers = true,
+        required_unless_present = "body",
+        conflicts_with = "body"
+    )]
+    n: Option<u64>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not NAME=VALUE")),
+    }
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -78,23 +106,49 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         },
         ..ClientOptions::default()
     };
-    if args.bench {
-        return run_bench(&args, &options);
+    match (&args.body, args.n) {
+        (Some(body), _) => call_any(&args, body, options),
+        (None, Some(n)) if args.bench => run_bench(&args, n, &options),
+        (None, Some(n)) => call_fib(&args, n, options),
+        (None, None) => unreachable!("clap requires N without --body"),
     }
+}
+
+/// The tutorial's client: asks for fib(n) and prints it.
+fn call_fib(args: &Args, n: u64, options: ClientOptions) -> amqp_rpc::Result<()> {
     let mut client = Client::with_options(&args.broker.url_list(), options)?;
-    println!(" [x] Requesting fib({})", args.n);
-    let answer = client.fib(args.n)?;
+    println!(" [x] Requesting fib({n})");
+    let answer = client.fib(n)?;
     println!(" [.] Got {answer}");
     client.close()
 }
 
-fn run_bench(args: &Args, client: &ClientOptions) -> amqp_rpc::Result<()> {
+/// Sends `body` with the headers and content type given, and prints the reply body as it is.
+fn call_any(args: &Args, body: &str, options: ClientOptions) -> amqp_rpc::Result<()> {
+    let mut client = Client::with_options(&args.broker.url_list(), options)?;
+    let mut call = Call::new(body);
+    for (name, value) in &args.headers {
+        call = call.with_header(name.as_str(), value.as_str());
+    }
+    if let Some(content_type) = &args.content_type {
+        call = call.with_content_type(content_type.as_str());
+    }
+    let reply = client.send(&call)?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(reply.body())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| amqp_rpc::Error::Config(format!("cannot write the reply: {e}")))?;
+    client.close()
+}
+
+fn run_bench(args: &Args, n: u64, client: &ClientOptions) -> amqp_rpc::Result<()> {
     let options = BenchOptions {
         calls: args.calls,
         threads: args.threads,
         inflight: args.inflight,
-        request: args.n.to_string().into_bytes(),
-        expected_reply: Some(fib::fib(args.n).to_string().into_bytes()),
+        request: n.to_string().into_bytes(),
+        expected_reply: Some(fib::fib(n).to_string().into_bytes()),
     };
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
@@ -116,10 +170,11 @@ fn run_bench(args: &Args, client: &ClientOptions) -> amqp_rpc::Result<()> {
         eprintln!();
     }
     println!(
-        "slowest_us={} connection_errors={} mismatched={}",
+        "slowest_us={} connection_errors={} mismatched={} elapsed_ms={}",
         report.percentile_us(1.0),
         report.connection_errors,
-        report.mismatched
+        report.mismatched,
+        report.elapsed.as_millis()
     );
     println!("{report}");
     Ok(())

@@ -1,0 +1,254 @@
+//! The wire format both sides speak, and its mapping to and from AMQP messages.
+//!
+//! It is the RabbitMQ tutorial's: a request goes to the server queue on the default exchange
+//! with `reply_to` and `correlation_id`; the reply goes to `reply_to` with the same
+//! `correlation_id`. Everything added here is optional for peers:
+//!
+//! - an error reply carries its message in the [`ERROR_HEADER`] header (a string, also sent as
+//!   the body) and its kind in the [`ERROR_KIND_HEADER`] header;
+//! - requests carry the call's timeout as `expiration`, and may carry headers, content type and
+//!   encoding, `type` and `message_id`; replies may carry headers and a content type.
+//!
+//! Client and server both use this module; neither imports the other.
+
+use amiquip::{AmqpProperties, AmqpValue, Delivery, FieldTable};
+
+use crate::headers::{HeaderValue, Headers};
+use crate::message::{Call, FailureKind, HandlerError, Reply, Request};
+
+/// The server queue the tutorial uses.
+pub const DEFAULT_QUEUE: &str = "rpc_queue";
+
+/// The reply header in which a server puts an error message instead of a result.
+pub const ERROR_HEADER: &str = "error";
+
+/// The reply header that says what kind of error an error reply is: `bad-request` or
+/// `handler-failed`.
+pub const ERROR_KIND_HEADER: &str = "error-kind";
+
+/// The content type of JSON bodies.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// The pseudo-queue of RabbitMQ's direct reply-to.
+pub(crate) const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The AMQP field table for `headers`.
+pub(crate) fn field_table(headers: &Headers) -> FieldTable {
+    headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), amqp_value(value)))
+        .collect()
+}
+
+fn amqp_value(value: &HeaderValue) -> AmqpValue {
+    match value {
+        HeaderValue::Bool(value) => AmqpValue::Boolean(*value),
+        HeaderValue::Int(value) => AmqpValue::LongLongInt(*value),
+        HeaderValue::Float(value) => AmqpValue::Double(*value),
+        HeaderValue::Text(text) => AmqpValue::LongString(text.clone()),
+        HeaderValue::Bytes(bytes) => AmqpValue::ByteArray(bytes.clone()),
+        HeaderValue::Timestamp(seconds) => AmqpValue::Timestamp(*seconds),
+        HeaderValue::List(values) => AmqpValue::FieldArray(values.iter().map(amqp_value).collect()),
+        HeaderValue::Table(table) => AmqpValue::FieldTable(field_table(table)),
+        HeaderValue::Void => AmqpValue::Void,
+    }
+}
+
+/// Our headers for an AMQP field table.
+pub(crate) fn headers_from(table: &FieldTable) -> Headers {
+    table
+        .iter()
+        .map(|(name, value)| (name.clone(), header_value(value)))
+        .collect()
+}
+
+fn header_value(value: &AmqpValue) -> HeaderValue {
+    match value {
+        AmqpValue::Boolean(value) => HeaderValue::Bool(*value),
+        AmqpValue::ShortShortInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::ShortShortUInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::ShortInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::ShortUInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::LongInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::LongUInt(value) => HeaderValue::Int((*value).into()),
+        AmqpValue::LongLongInt(value) => HeaderValue::Int(*value),
+        AmqpValue::Float(value) => HeaderValue::Float((*value).into()),
+        AmqpValue::Double(value) => HeaderValue::Float(*value),
+        AmqpValue::DecimalValue(decimal) => {
+            HeaderValue::Float(f64::from(decimal.value) / 10f64.powi(decimal.scale.into()))
+        }
+        AmqpValue::LongString(text) => HeaderValue::Text(text.clone()),
+        AmqpValue::FieldArray(values) => {
+            HeaderValue::List(values.iter().map(header_value).collect())
+        }
+        AmqpValue::Timestamp(seconds) => HeaderValue::Timestamp(*seconds),
+        AmqpValue::FieldTable(table) => HeaderValue::Table(headers_from(table)),
+        AmqpValue::ByteArray(bytes) => HeaderValue::Bytes(bytes.clone()),
+        AmqpValue::Void => HeaderValue::Void,
+    }
+}
+
+/// The properties of a request: the call's own, plus where and how to answer it.
+/// `expiration_ms` is the call's timeout, after which the broker drops the request unserved.
+pub(crate) fn request_properties(
+    call: &Call,
+    reply_to: &str,
+    correlation_id: &str,
+    expiration_ms: u128,
+) -> AmqpProperties {
+    let mut properties = AmqpProperties::default()
+        .with_reply_to(reply_to.to_string())
+        .with_correlation_id(correlation_id.to_string())
+        // "0" would expire the request at once; RabbitMQ counts in whole milliseconds.
+        .with_expiration(expiration_ms.max(1).to_string());
+    if !call.headers.is_empty() {
+        properties = properties.with_headers(field_table(&call.headers));
+    }
+    if let Some(content_type) = &call.content_type {
+        properties = properties.with_content_type(content_type.clone());
+    }
+    if let Some(encoding) = &call.content_encoding {
+        properties = properties.with_content_encoding(encoding.clone());
+    }
+    if let Some(message_type) = &call.message_type {
+        properties = properties.with_type_(message_type.clone());
+    }
+    if let Some(message_id) = &call.message_id {
+        properties = properties.with_message_id(message_id.clone());
+    }
+    properties
+}
+
+/// The request a handler sees for a delivery from `queue`.
+pub(crate) fn request_from(
+    body: Vec<u8>,
+    properties: AmqpProperties,
+    redelivered: bool,
+    queue: &str,
+) -> Request {
+    Request {
+        body,
+        headers: properties
+            .headers()
+            .as_ref()
+            .map(headers_from)
+            .unwrap_or_default(),
+        content_type: properties.content_type().clone(),
+        content_encoding: properties.content_encoding().clone(),
+        correlation_id: properties.correlation_id().clone(),
+        reply_to: properties.reply_to().clone(),
+        message_id: properties.message_id().clone(),
+        message_type: properties.type_().clone(),
+        app_id: properties.app_id().clone(),
+        timestamp: *properties.timestamp(),
+        user_id: properties.user_id().clone(),
+        redelivered,
+        queue: queue.to_string(),
+    }
+}
+
+/// The properties of a successful reply to the request with `correlation_id`.
+pub(crate) fn reply_properties(reply: &Reply, correlation_id: Option<&str>) -> AmqpProperties {
+    let mut properties = AmqpProperties::default();
+    if let Some(id) = correlation_id {
+        properties = properties.with_correlation_id(id.to_string());
+    }
+    if !reply.headers.is_empty() {
+        properties = properties.with_headers(field_table(&reply.headers));
+    }
+    if let Some(content_type) = &reply.content_type {
+        properties = properties.with_content_type(content_type.clone());
+    }
+    if let Some(encoding) = &reply.content_encoding {
+        properties = properties.with_content_encoding(encoding.clone());
+    }
+    properties
+}
+
+/// The properties of an error reply to the request with `correlation_id`; its body is the
+/// message.
+pub(crate) fn error_properties(
+    error: &HandlerError,
+    correlation_id: Option<&str>,
+) -> AmqpProperties {
+    let kind = match error.kind() {
+        FailureKind::BadRequest => "bad-request",
+        FailureKind::HandlerFailed => "handler-failed",
+    };
+    let mut headers = FieldTable::new();
+    headers.insert(
+        ERROR_HEADER.to_string(),
+        AmqpValue::LongString(error.message().to_string()),
+    );
+    headers.insert(
+        ERROR_KIND_HEADER.to_string(),
+        AmqpValue::LongString(kind.to_string()),
+    );
+    let mut properties = AmqpProperties::default().with_headers(headers);
+    if let Some(id) = correlation_id {
+        properties = properties.with_correlation_id(id.to_string());
+    }
+    properties
+}
+
+/// What a reply delivery means to its caller: the reply, or the server's error message.
+pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, String> {
+    let properties = delivery.properties;
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(headers_from)
+        .unwrap_or_default();
+    if let Some(error) = headers.get(ERROR_HEADER) {
+        // A peer may send a non-string error header; any rendering beats losing the error.
+        return Err(error.to_string());
+    }
+    Ok(Reply {
+        body: delivery.body,
+        headers,
+        content_type: properties.content_type().clone(),
+        content_encoding: properties.content_encoding().clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_survive_the_round_trip_through_amqp() {
+        let nested: Headers = [("inner", HeaderValue::Int(3))].into_iter().collect();
+        let headers: Headers = [
+            ("bool", HeaderValue::Bool(true)),
+            ("int", HeaderValue::Int(-7)),
+            ("float", HeaderValue::Float(2.5)),
+            ("text", HeaderValue::from("hello")),
+            ("bytes", HeaderValue::Bytes(vec![0, 255])),
+            ("time", HeaderValue::Timestamp(1_700_000_000)),
+            ("list", HeaderValue::List(vec![1.into(), "a".into()])),
+            ("table", HeaderValue::Table(nested)),
+            ("void", HeaderValue::Void),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(headers_from(&field_table(&headers)), headers);
+    }
+
+    #[test]
+    fn every_amqp_integer_width_reads_as_an_int() {
+        let table: FieldTable = [
+            ("a", AmqpValue::ShortShortInt(-1)),
+            ("b", AmqpValue::ShortShortUInt(2)),
+            ("c", AmqpValue::ShortInt(-3)),
+            ("d", AmqpValue::ShortUInt(4)),
+            ("e", AmqpValue::LongInt(-5)),
+            ("f", AmqpValue::LongUInt(6)),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+        let headers = headers_from(&table);
+        let ints: Vec<i64> = headers.iter().filter_map(|(_, v)| v.as_int()).collect();
+        assert_eq!(ints, [-1, 2, -3, 4, -5, 6]);
+    }
+}
