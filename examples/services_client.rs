@@ -61,7 +61,7 @@ fn run(args: &Args) -> amqp_rpc::Result<()> {
 
     // The tutorial's wire format, with metadata added: headers and a type a server may log or
     // route on, and a timeout for this call alone.
-    let mut fib = Client::with_options(&args.url, options("fib"))?;
+    let fib = Client::with_options(&args.url, options("fib"))?;
     let call = Call::new("30")
         .with_header("x-request-origin", "services_client example")
         .with_type("fib")

@@ -1,47 +1,33 @@
-//! The RPC client: publish a request, then wait on the reply consumer for the matching answer.
+//! The RPC client: publish a request, then wait for the reply with the matching
+//! `correlation_id`.
 //!
-//! Each [`Client`] has a channel (on a connection of its own, or on a [`SharedConnection`]) and
-//! an exclusive, server-named reply queue that it consumes without acks, as the tutorial's
-//! client does. A call publishes the request to the server queue with `reply_to` set to that
-//! reply queue and a fresh uuid as `correlation_id`, then loops over the consumer's messages,
-//! dropping every reply whose `correlation_id` is not awaited (a late answer to an earlier
-//! call that timed out, say).
+//! A [`Client`] is cheap to clone and can be used from any number of threads at once: all
+//! clones share one connection, one channel and one reply queue (or direct reply-to), and the
+//! waiting callers take turns reading the replies and handing each to the call that awaits it
+//! (see `session.rs`). A call publishes the request to the server queue with `reply_to` and a fresh
+//! uuid as `correlation_id`, then waits for its own answer; replies that no call awaits (a late
+//! answer to a call that timed out, say) are dropped and logged at debug.
 //!
 //! The request is published `mandatory`, so a request that no queue can take comes back at once
 //! as [`Error::NoRoute`]; it also carries an `expiration` equal to the call's timeout, so the
 //! broker drops it rather than have a server compute it for a caller who has given up.
 //!
-//! Replies come back through the client's own exclusive queue (the tutorial's way, and the
-//! default) or through RabbitMQ's direct reply-to pseudo-queue ([`ReplyRoute`]), which saves
-//! the broker a queue per client. The server does not need to know which.
-//!
 //! Every call, single or batched, goes through one loop ([`Client::send_many`]): the calls not
-//! yet answered are published on the current session, their replies collected until each is
-//! answered or its own deadline passes, and, when the session breaks and retry is on, the
-//! unanswered ones are sent again on the next session.
-//!
-//! A `Client` is used from the thread that made it (its amiquip channel and consumer are not
-//! `Send`). For many threads, give each its own `Client`: either each with a connection of its
-//! own ([`Client::with_options`]), or all on one [`SharedConnection`]
-//! ([`Client::on_shared`]), which is faster when there are more threads than cores.
+//! yet answered are published on the current session and awaited until each is answered or
+//! its own deadline passes; when the session breaks and retry is on, the unanswered ones are
+//! sent again on the next session.
 
-use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    Channel, Connection, Consumer, ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions,
-    Return,
-};
-use crossbeam_channel::{Receiver, RecvTimeoutError, select};
-use log::{debug, trace};
+use log::debug;
 use num_bigint::BigUint;
-use uuid::Uuid;
 
 use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, Result};
 use crate::message::{Call, Reply};
-use crate::shared::SharedConnection;
-use crate::wire::{self, DEFAULT_QUEUE, DIRECT_REPLY_TO};
+use crate::session::{Event, Mailbox, Role, Session};
+use crate::wire::DEFAULT_QUEUE;
 
 /// How a [`Client`] connects and calls.
 #[derive(Clone, Debug)]
@@ -60,7 +46,7 @@ pub struct ClientOptions {
     pub retry: bool,
     /// How replies come back. Default: [`ReplyRoute::ExclusiveQueue`].
     pub reply_route: ReplyRoute,
-    /// TCP and AMQP connection settings (unused for a client on a [`SharedConnection`]).
+    /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
 
@@ -96,53 +82,53 @@ fn is_retryable(error: &Error) -> bool {
     matches!(error, Error::ConnectionLost(_) | Error::Connect { .. })
 }
 
-self_cell::self_cell!(
-    /// A channel together with the reply consumer that borrows it.
-    struct ReplyChannel {
-        owner: Channel,
-        #[covariant]
-        dependent: Consumer,
-    }
-);
-
-/// A blocking RPC client.
+/// A blocking RPC client, shared by every thread that calls through it.
 ///
-/// It has a channel (on a connection of its own, or on a [`SharedConnection`]) and a reply
-/// queue. A call publishes the request to the server queue `mandatory`, with `reply_to`, a
-/// fresh uuid `correlation_id` and an `expiration` equal to its timeout, then reads the reply
-/// consumer, dropping every reply whose `correlation_id` is not awaited, until its own reply,
-/// a returned request ([`Error::NoRoute`]) or its timeout ([`Error::Timeout`]).
+/// `Client` is `Send + Sync` and cheap to clone (an `Arc` inside): give each thread a clone, or
+/// put one in an `Arc`. All clones share one connection and one reply consumer, so the broker
+/// sees one connection, one channel and one reply queue however many threads call. Each call
+/// gets exactly its own reply, matched by `correlation_id`; one caller's timeout or failure
+/// never disturbs another's call.
 ///
-/// A `Client` stays on the thread that made it: for many threads, one client per thread on a
-/// [`SharedConnection`] ([`Client::on_shared`]).
+/// A call in flight costs about 200 bytes (its correlation id and where to deliver its reply)
+/// until it is answered or times out, plus its request until it is published; nothing else
+/// grows with the number of calls or threads.
+///
+/// ```no_run
+/// use amqp_rpc::Client;
+///
+/// # fn main() -> amqp_rpc::Result<()> {
+/// let client = Client::connect(amqp_rpc::DEFAULT_URL)?;
+/// let threads: Vec<_> = (0..8)
+///     .map(|_| {
+///         let client = client.clone();
+///         std::thread::spawn(move || client.fib(30))
+///     })
+///     .collect();
+/// for thread in threads {
+///     assert_eq!(thread.join().unwrap()?.to_string(), "832040");
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
 pub struct Client {
-    source: Source,
+    inner: Arc<Inner>,
+}
+
+/// What the clones of a client share.
+struct Inner {
+    brokers: Brokers,
     options: ClientOptions,
-    session: Option<Session>,
+    /// The current session; `None` after it broke, until a call connects again.
+    session: Mutex<Option<Arc<Session>>>,
 }
 
-/// Where a client gets its channel.
-enum Source {
-    /// A connection of its own, to one of these brokers.
-    Own(Brokers),
-    /// A channel on a shared connection.
-    Shared(SharedConnection),
-}
-
-/// One channel's worth of client state; replaced as a whole when the connection is lost.
-struct Session {
-    /// `None` once closed. Dropped before `connection`, so the channel closes on a live
-    /// connection.
-    reply_channel: Option<ReplyChannel>,
-    /// A clone of the consumer's receiver, kept for [`Session::close`] to drain.
-    replies: Receiver<ConsumerMessage>,
-    returns: Receiver<Return>,
-    reply_to: String,
-    /// The server queue, as the routing key of requests.
-    queue: String,
-    /// The client's own connection; `None` on a shared one.
-    connection: Option<Connection>,
-}
+/// Checked at compile time: a client can be shared by threads.
+const _: () = {
+    const fn shareable<T: Send + Sync + Clone>() {}
+    shareable::<Client>()
+};
 
 impl Client {
     /// Connects to the broker at `url` with default [`ClientOptions`].
@@ -163,32 +149,20 @@ impl Client {
     /// [`Error::Config`] for a bad URL or refused credentials, [`Error::Connect`] when the
     /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
     pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
-        Client::from_source(Source::Own(Brokers::parse(url)?), options)
-    }
-
-    /// Makes a client on a channel of `shared`, for use on the calling thread.
-    /// `options.connect` is not used: the connection is already made.
-    ///
-    /// # Errors
-    ///
-    /// Those of [`Client::with_options`] when the shared connection had to be made again, and
-    /// [`Error::Amqp`] when the broker refuses the channel or the reply queue.
-    pub fn on_shared(shared: &SharedConnection, options: ClientOptions) -> Result<Client> {
-        Client::from_source(Source::Shared(shared.clone()), options)
-    }
-
-    fn from_source(source: Source, options: ClientOptions) -> Result<Client> {
-        let session = Session::open(&source, &options)?;
+        let brokers = Brokers::parse(url)?;
+        let session = Session::open(&brokers, &options)?;
         Ok(Client {
-            source,
-            options,
-            session: Some(session),
+            inner: Arc::new(Inner {
+                brokers,
+                options,
+                session: Mutex::new(Some(Arc::new(session))),
+            }),
         })
     }
 
     /// The options this client was made with.
     pub fn options(&self) -> &ClientOptions {
-        &self.options
+        &self.inner.options
     }
 
     /// Sends `request` to the server queue and returns the reply body, waiting at most the
@@ -197,7 +171,7 @@ impl Client {
     /// # Errors
     ///
     /// See [`Client::send`].
-    pub fn call(&mut self, request: &[u8]) -> Result<Vec<u8>> {
+    pub fn call(&self, request: &[u8]) -> Result<Vec<u8>> {
         self.send(&Call::new(request)).map(Reply::into_body)
     }
 
@@ -207,7 +181,7 @@ impl Client {
     /// # Errors
     ///
     /// See [`Client::send`].
-    pub fn call_with_timeout(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    pub fn call_with_timeout(&self, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         self.send(&Call::new(request).with_timeout(timeout))
             .map(Reply::into_body)
     }
@@ -215,7 +189,7 @@ impl Client {
     /// Sends `call` (a body with headers and properties) to the server queue and returns the
     /// whole reply: body, headers and content type.
     ///
-    /// When an earlier call lost the connection, this one first connects again; with
+    /// When the connection was lost, this call first connects again; with
     /// [`ClientOptions::retry`], see [`Client::send_many`].
     ///
     /// # Errors
@@ -225,7 +199,7 @@ impl Client {
     /// - [`Error::Remote`]: the server replied with an error message;
     /// - [`Error::ConnectionLost`]: the connection died while the call waited;
     /// - the errors of [`Client::with_options`] when reconnecting fails.
-    pub fn send(&mut self, call: &Call) -> Result<Reply> {
+    pub fn send(&self, call: &Call) -> Result<Reply> {
         self.send_many(std::slice::from_ref(call))
             .pop()
             .expect("one outcome per call")
@@ -237,7 +211,7 @@ impl Client {
     /// # Errors
     ///
     /// Each outcome has the errors of [`Client::send`].
-    pub fn call_many(&mut self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
+    pub fn call_many(&self, requests: &[&[u8]], timeout: Duration) -> Vec<Result<Vec<u8>>> {
         let calls: Vec<Call> = requests
             .iter()
             .map(|&request| Call::new(request).with_timeout(timeout))
@@ -254,18 +228,18 @@ impl Client {
     /// Keeping many calls in flight from one thread is much faster than calling one by one:
     /// the broker and the server's workers are kept busy while replies travel back.
     ///
-    /// When an earlier call lost the connection, this one first connects again. With
+    /// When the connection was lost, this call first connects again. With
     /// [`ClientOptions::retry`], calls whose connection is lost before their reply arrives are
     /// sent again once the client has reconnected, until their deadlines.
     ///
     /// # Errors
     ///
     /// Each outcome has the errors of [`Client::send`].
-    pub fn send_many(&mut self, calls: &[Call]) -> Vec<Result<Reply>> {
+    pub fn send_many(&self, calls: &[Call]) -> Vec<Result<Reply>> {
         let started = Instant::now();
         let timeouts: Vec<Duration> = calls
             .iter()
-            .map(|call| call.timeout.unwrap_or(self.options.timeout))
+            .map(|call| call.timeout.unwrap_or(self.inner.options.timeout))
             .collect();
         let mut batch = Batch {
             calls,
@@ -276,17 +250,16 @@ impl Client {
         };
         while !batch.pending.is_empty() {
             let (error, connecting) = match self.session() {
-                Ok(session) => match session.exchange(&mut batch) {
+                Ok(session) => match batch.exchange(&session) {
                     Ok(()) => break,
-                    Err(error) => (error, false),
+                    Err(error) => {
+                        self.drop_session(&session);
+                        (error, false)
+                    }
                 },
                 Err(error) => (error, true),
             };
-            // A lost connection, or a channel the broker closed, leaves nothing to call on.
-            if matches!(error, Error::ConnectionLost(_) | Error::Amqp(_)) {
-                self.session = None;
-            }
-            if !(self.options.retry && is_retryable(&error)) {
+            if !(self.inner.options.retry && is_retryable(&error)) {
                 batch.fail_pending(&error);
                 break;
             }
@@ -314,15 +287,38 @@ impl Client {
             .collect()
     }
 
-    /// The current session, connecting again if the last one was lost.
-    fn session(&mut self) -> Result<&mut Session> {
-        match &mut self.session {
-            Some(session) => Ok(session),
-            empty => {
-                debug!("connecting again after a lost connection");
-                Ok(empty.insert(Session::open(&self.source, &self.options)?))
-            }
+    /// The current session, connecting again if the last one broke. One caller connects while
+    /// the others wait for it.
+    fn session(&self) -> Result<Arc<Session>> {
+        let mut current = self.lock_session();
+        if let Some(session) = current.as_ref().filter(|session| !session.is_broken()) {
+            return Ok(Arc::clone(session));
         }
+        if current.take().is_some() {
+            debug!("connecting again after a lost connection");
+        }
+        let session = Arc::new(Session::open(&self.inner.brokers, &self.inner.options)?);
+        *current = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// Forgets `broken`, unless another caller has replaced it already.
+    fn drop_session(&self, broken: &Arc<Session>) {
+        let mut current = self.lock_session();
+        if current
+            .as_ref()
+            .is_some_and(|session| Arc::ptr_eq(session, broken))
+        {
+            *current = None;
+        }
+    }
+
+    fn lock_session(&self) -> MutexGuard<'_, Option<Arc<Session>>> {
+        // A panic elsewhere while the lock was held leaves the Option whole: keep using it.
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Asks the server for fib(`n`), with the tutorial's wire format: `n` in decimal out, the
@@ -332,7 +328,7 @@ impl Client {
     ///
     /// Those of [`Client::call`], and [`Error::InvalidReply`] when the reply is not a decimal
     /// number.
-    pub fn fib(&mut self, n: u64) -> Result<BigUint> {
+    pub fn fib(&self, n: u64) -> Result<BigUint> {
         let reply = self.call(n.to_string().as_bytes())?;
         BigUint::parse_bytes(&reply, 10).ok_or_else(|| {
             Error::InvalidReply(format!(
@@ -342,15 +338,22 @@ impl Client {
         })
     }
 
-    /// Cancels the reply consumer and closes the connection, reporting any error. Dropping a
-    /// `Client` does the same quietly.
+    /// Drops this handle. When it is the last clone, closes the connection and reports any
+    /// error; dropping the last clone does the same quietly. Other clones keep working.
     ///
     /// # Errors
     ///
     /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the close.
-    pub fn close(mut self) -> Result<()> {
-        match self.session.take() {
-            Some(mut session) => session.close(),
+    pub fn close(self) -> Result<()> {
+        let Ok(inner) = Arc::try_unwrap(self.inner) else {
+            return Ok(());
+        };
+        let session = inner
+            .session
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match session {
+            Some(session) => session.close(),
             None => Ok(()),
         }
     }
@@ -367,6 +370,93 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// Publishes the pending calls on `session`, then collects their replies until each is
+    /// answered or past its deadline.
+    ///
+    /// # Errors
+    ///
+    /// The error that broke the session; the calls it left unanswered stay pending.
+    fn exchange(&mut self, session: &Session) -> Result<()> {
+        let mailbox = Arc::new(Mailbox::default());
+        let now = Instant::now();
+        let (ids, mut role) = session.start(
+            self.pending.iter().map(|&index| {
+                let left = self.deadlines[index].saturating_duration_since(now);
+                (index, &self.calls[index], left)
+            }),
+            &mailbox,
+        )?;
+        // Correlation ids by call index, in deadline order, so that the next deadline to pass
+        // is always at the end.
+        let mut waiting: Vec<(usize, String)> = self.pending.iter().copied().zip(ids).collect();
+        waiting.sort_by_key(|&(index, _)| std::cmp::Reverse(self.deadlines[index]));
+        let mut unanswered = waiting.len();
+        let mut failure = None;
+        while unanswered > 0 {
+            while waiting
+                .last()
+                .is_some_and(|&(index, _)| self.outcomes[index].is_some())
+            {
+                waiting.pop();
+            }
+            let next_deadline = self.deadlines[waiting.last().expect("a call waits").0];
+            let event = match role {
+                // The reader's own answers come through its mailbox too, without a wait.
+                Role::Reader => match mailbox.take() {
+                    Some(event) => Some(event),
+                    None if Instant::now() >= next_deadline => None,
+                    None => {
+                        session.read(next_deadline);
+                        continue;
+                    }
+                },
+                Role::Follower => mailbox.wait_until(next_deadline),
+            };
+            match event {
+                Some(Event::Answer { index, outcome }) => {
+                    if self.outcomes[index].is_none() {
+                        self.outcomes[index] = Some(outcome);
+                        unanswered -= 1;
+                    }
+                }
+                Some(Event::Read) => role = Role::Reader,
+                Some(Event::Lost(error)) => {
+                    failure = Some(error);
+                    break;
+                }
+                None => {
+                    let now = Instant::now();
+                    let mut expired = Vec::new();
+                    while let Some((index, _)) = waiting.last() {
+                        if self.deadlines[*index] > now {
+                            break;
+                        }
+                        let (index, id) = waiting.pop().expect("just seen");
+                        if self.outcomes[index].is_none() {
+                            self.time_out(index);
+                            unanswered -= 1;
+                            expired.push(id);
+                        }
+                    }
+                    session.forget(&expired);
+                }
+            }
+        }
+        let still_awaited: Vec<String> = waiting
+            .into_iter()
+            .filter(|&(index, _)| self.outcomes[index].is_none())
+            .map(|(_, id)| id)
+            .collect();
+        // A follower whose calls were all answered was removed from the session by the reader
+        // and can be handed nothing more: it leaves without taking the lock.
+        if role == Role::Reader || !still_awaited.is_empty() {
+            session.leave(role, &still_awaited, &mailbox);
+        }
+        // Answered and timed-out calls are done; after a failure, the rest go again.
+        self.pending.retain(|&index| self.outcomes[index].is_none());
+        failure.map_or(Ok(()), Err)
+    }
+
     fn time_out(&mut self, index: usize) {
         self.outcomes[index] = Some(Err(Error::Timeout(self.timeouts[index])));
     }
@@ -395,239 +485,5 @@ impl Batch<'_> {
         for index in std::mem::take(&mut self.pending) {
             self.outcomes[index] = Some(Err(error.clone()));
         }
-    }
-}
-
-impl Session {
-    fn open(source: &Source, options: &ClientOptions) -> Result<Session> {
-        let (channel, connection) = match source {
-            Source::Own(brokers) => {
-                let mut connection = brokers.connect(&options.connect)?;
-                (connection.open_channel(None)?, Some(connection))
-            }
-            Source::Shared(shared) => (shared.open_channel()?, None),
-        };
-        let returns = channel.listen_for_returns()?;
-        let reply_to = match options.reply_route {
-            ReplyRoute::ExclusiveQueue => {
-                let queue = channel.queue_declare(
-                    "",
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                )?;
-                queue.name().to_string()
-            }
-            ReplyRoute::DirectReplyTo => DIRECT_REPLY_TO.to_string(),
-        };
-        // Direct reply-to requires consuming, without acks, before the first publish.
-        let reply_channel = ReplyChannel::try_new(channel, |channel| {
-            channel.basic_consume(
-                reply_to.clone(),
-                ConsumerOptions {
-                    no_ack: true,
-                    exclusive: options.reply_route == ReplyRoute::ExclusiveQueue,
-                    ..ConsumerOptions::default()
-                },
-            )
-        })?;
-        let replies = reply_channel.borrow_dependent().receiver().clone();
-        debug!("client ready, replies to {reply_to}");
-        Ok(Session {
-            reply_channel: Some(reply_channel),
-            replies,
-            returns,
-            reply_to,
-            queue: options.queue.clone(),
-            connection,
-        })
-    }
-
-    /// Publishes the batch's pending calls, then collects their replies until each is answered
-    /// or past its deadline.
-    ///
-    /// # Errors
-    ///
-    /// The error that broke the session; the calls it left unanswered stay pending.
-    fn exchange(&mut self, batch: &mut Batch) -> Result<()> {
-        let mut waiting = HashMap::with_capacity(batch.pending.len());
-        let now = Instant::now();
-        for &index in &batch.pending {
-            let correlation_id = Uuid::new_v4().to_string();
-            let left = batch.deadlines[index].saturating_duration_since(now);
-            self.publish(&batch.calls[index], &correlation_id, left)?;
-            waiting.insert(correlation_id, index);
-        }
-        // Deadlines in order, so that the next one to pass is always at the front.
-        let mut by_deadline: Vec<usize> = batch.pending.clone();
-        by_deadline.sort_by_key(|&index| std::cmp::Reverse(batch.deadlines[index]));
-        while !waiting.is_empty() {
-            while by_deadline
-                .last()
-                .is_some_and(|&index| batch.outcomes[index].is_some())
-            {
-                by_deadline.pop();
-            }
-            let next_deadline = batch.deadlines[*by_deadline.last().expect("a call waits")];
-            match self.receive(next_deadline) {
-                Ok(Some((id, outcome))) => match waiting.remove(&id) {
-                    Some(index) => batch.outcomes[index] = Some(outcome),
-                    None => debug!("dropping a reply that is not awaited: correlation id {id:?}"),
-                },
-                Ok(None) => {
-                    let now = Instant::now();
-                    waiting.retain(|_, &mut index| {
-                        let expired = batch.deadlines[index] <= now;
-                        if expired {
-                            batch.time_out(index);
-                        }
-                        !expired
-                    });
-                }
-                Err(error) => {
-                    batch.pending = waiting.into_values().collect();
-                    batch.pending.sort_unstable();
-                    return Err(error);
-                }
-            }
-        }
-        batch.pending.clear();
-        Ok(())
-    }
-
-    fn publish(&self, call: &Call, correlation_id: &str, timeout: Duration) -> Result<()> {
-        let properties =
-            wire::request_properties(call, &self.reply_to, correlation_id, timeout.as_millis());
-        let Some(reply_channel) = &self.reply_channel else {
-            return Err(Error::lost(amiquip::Error::ClientClosedChannel));
-        };
-        reply_channel.borrow_owner().basic_publish(
-            "",
-            Publish {
-                body: &call.body,
-                routing_key: self.queue.clone(),
-                mandatory: true,
-                immediate: false,
-                properties,
-            },
-        )?;
-        trace!("published request {correlation_id} to {}", self.queue);
-        Ok(())
-    }
-
-    /// Waits until `deadline` for the next reply or returned request, and gives its
-    /// correlation id with what it means for that call; `None` when the deadline passed.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ConnectionLost`] when the consumer or the connection ended.
-    fn receive(&self, deadline: Instant) -> Result<Option<(String, Result<Reply>)>> {
-        // Waiting on the reply channel alone costs far less than `select!` over it and the
-        // returns channel (a third of the futex calls; about a tenth more calls per second).
-        // Replies usually follow each other closely, so wait on them alone for QUICK first; a
-        // returned request is then seen by the `select!` below, QUICK after the publish at most.
-        const QUICK: Duration = Duration::from_millis(5);
-        match self
-            .replies
-            .recv_deadline(deadline.min(Instant::now() + QUICK))
-        {
-            Ok(message) => return reply_outcome(message).map(Some),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(Error::lost(amiquip::Error::EventLoopDropped));
-            }
-        }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        select! {
-            recv(self.replies) -> message => match message {
-                Ok(message) => reply_outcome(message).map(Some),
-                Err(_) => Err(Error::lost(amiquip::Error::EventLoopDropped)),
-            },
-            recv(self.returns) -> returned => match returned {
-                Ok(returned) => Ok(Some(returned_outcome(returned))),
-                Err(_) => Err(Error::lost(amiquip::Error::EventLoopDropped)),
-            },
-            default(remaining) => Ok(None),
-        }
-    }
-
-    /// Ends the consumer safely (see [`crate::consumer::cancel`]), then closes the channel, or
-    /// the connection when it is the client's own.
-    fn close(&mut self) -> Result<()> {
-        let Some(reply_channel) = self.reply_channel.take() else {
-            return Ok(());
-        };
-        let cancelled = crate::consumer::cancel(
-            reply_channel.borrow_dependent(),
-            &self.replies,
-            Duration::from_secs(2),
-            |_late_reply| Ok(()),
-        );
-        let channel = reply_channel.into_owner();
-        let closed = match self.connection.take() {
-            Some(connection) => {
-                drop(channel);
-                connection.close()
-            }
-            None => channel.close(),
-        };
-        cancelled.and(closed).map_err(Error::from)
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Err(error) = self.close() {
-            debug!("closing the client quietly: {error}");
-        }
-    }
-}
-
-/// What a message from the reply consumer means: a reply (its correlation id, and the reply or
-/// the server's error), or the end of the consumer, which means the connection is gone.
-fn reply_outcome(message: ConsumerMessage) -> Result<(String, Result<Reply>)> {
-    match message {
-        ConsumerMessage::Delivery(delivery) => {
-            let id = delivery
-                .properties
-                .correlation_id()
-                .clone()
-                .unwrap_or_default();
-            trace!("reply to {id} arrived");
-            Ok((id, wire::reply_from(delivery).map_err(Error::Remote)))
-        }
-        other => Err(consumer_ended(other)),
-    }
-}
-
-/// A request the broker could not route: no queue by that name.
-fn returned_outcome(returned: Return) -> (String, Result<Reply>) {
-    let id = returned
-        .properties
-        .correlation_id()
-        .clone()
-        .unwrap_or_default();
-    debug!("request {id} returned: {}", returned.reply_text);
-    (
-        id,
-        Err(Error::NoRoute {
-            queue: returned.routing_key,
-        }),
-    )
-}
-
-/// Explains why the reply consumer stopped delivering.
-fn consumer_ended(message: ConsumerMessage) -> Error {
-    match message {
-        ConsumerMessage::ServerClosedConnection(error)
-        | ConsumerMessage::ServerClosedChannel(error) => Error::lost(error),
-        ConsumerMessage::ClientClosedConnection => {
-            Error::lost(amiquip::Error::ClientClosedConnection)
-        }
-        ConsumerMessage::ClientClosedChannel
-        | ConsumerMessage::ClientCancelled
-        | ConsumerMessage::ServerCancelled
-        | ConsumerMessage::Delivery(_) => Error::lost(amiquip::Error::ClientClosedChannel),
     }
 }

@@ -28,7 +28,7 @@
 //!     .start()?;
 //!
 //! let options = ClientOptions { queue: "shop.order".into(), ..ClientOptions::default() };
-//! let mut client = Client::with_options(url, options)?;
+//! let client = Client::with_options(url, options)?;
 //! let order = Order { item: "tea".into(), quantity: 2 };
 //! let reply = client.send(&Call::json(&order)?.with_header("x-tenant", "acme"))?;
 //! let receipt: Receipt = reply.json()?;
@@ -53,7 +53,7 @@
 //!     fib::handle_request(request.body(), fib::DEFAULT_MAX_N)
 //! })?;
 //!
-//! let mut client = Client::connect(url)?;
+//! let client = Client::connect(url)?;
 //! assert_eq!(client.fib(30)?.to_string(), "832040");
 //! assert_eq!(client.call(b"10")?, b"55");
 //!
@@ -70,15 +70,14 @@
 //!
 //! # Design
 //!
-//! - [`Client`]: one connection, one channel, one exclusive reply queue. A call publishes the
-//!   request with `reply_to` and a fresh uuid `correlation_id`, then reads replies until the one
-//!   with its `correlation_id` arrives, dropping others. It fails with [`Error::Timeout`] after
-//!   its timeout and at once with [`Error::NoRoute`] when no server queue exists.
-//!   [`Client::send_many`] keeps many calls in flight from one thread. A client stays on the
-//!   thread that made it; for several threads, make one client per thread on a
-//!   [`SharedConnection`]. Replies come through an exclusive queue or direct reply-to
-//!   ([`ReplyRoute`]). With [`ClientOptions::retry`], calls cut off by a lost connection are sent
-//!   again after reconnecting.
+//! - [`Client`]: `Send + Sync` and cheap to clone; all clones share one connection, one
+//!   channel and one exclusive reply queue (or direct reply-to, [`ReplyRoute`]), whatever the
+//!   number of calling threads. A call publishes the request with `reply_to` and a fresh uuid
+//!   `correlation_id`; a dispatcher thread reads the replies and hands each to the call that
+//!   awaits it, dropping others. A call fails with [`Error::Timeout`] after its timeout and at
+//!   once with [`Error::NoRoute`] when no server queue exists. [`Client::send_many`] keeps many
+//!   calls in flight from one thread. With [`ClientOptions::retry`], calls cut off by a lost
+//!   connection are sent again after reconnecting.
 //! - [`Server`]: a supervisor thread owns the connection and, for each queue, a pool of worker
 //!   threads, each with its own channel and `qos(1)`. A worker calls its queue's [`Handler`],
 //!   publishes the reply, then acks. Handler errors and panics become error replies. Lost
@@ -115,7 +114,7 @@ mod headers;
 pub mod json;
 mod message;
 mod server;
-mod shared;
+mod session;
 mod wire;
 
 pub use client::{Client, ClientOptions, ReplyRoute};
@@ -127,5 +126,4 @@ pub use server::{
     Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions, ShutdownHandle,
     default_workers,
 };
-pub use shared::SharedConnection;
 pub use wire::{DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE};

@@ -26,7 +26,7 @@ fn malformed_requests_get_a_one_line_error_reply_and_the_server_goes_on() {
     let queue = unique_queue("malformed");
     let _guard = QueueGuard(queue.clone());
     let server = start_server(&queue, 2, fib_handler);
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
 
     let huge = vec![b'7'; 1_000_000];
     let past_max = (MAX_N + 1).to_string();
@@ -69,7 +69,7 @@ fn surrounding_whitespace_is_ignored() {
     let queue = unique_queue("whitespace");
     let _guard = QueueGuard(queue.clone());
     let server = start_server(&queue, 1, fib_handler);
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b" 30\n").unwrap(), b"832040");
     assert_eq!(client.call(b"\t10\r\n").unwrap(), b"55");
     assert!(client.call(b"1 0").unwrap_err().is_remote());
@@ -95,7 +95,7 @@ fn a_panicking_handler_gets_an_error_reply_and_the_pool_keeps_its_size() {
         Ok(request.body().to_vec())
     });
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     for _ in 0..(WORKERS * 3) {
         let error = client.call(b"boom").unwrap_err();
         assert!(
@@ -136,7 +136,7 @@ fn a_request_without_reply_to_is_acked_and_never_requeued() {
         .unwrap();
     connection.close().unwrap();
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"10").unwrap(), b"55");
     thread::sleep(Duration::from_millis(200));
     assert_eq!(ready_messages(&queue), 0, "the request was not requeued");
@@ -151,7 +151,7 @@ fn a_request_without_reply_to_is_acked_and_never_requeued() {
 #[test]
 fn a_call_to_a_queue_nobody_declared_fails_at_once_with_no_route() {
     let queue = unique_queue("no-route");
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let started = Instant::now();
     let error = client.call(b"30").unwrap_err();
     assert!(
@@ -177,7 +177,7 @@ fn a_request_nobody_served_in_time_expires_on_the_broker() {
     declare_queue(&channel, &queue);
     connection.close().unwrap();
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let error = client
         .call_with_timeout(b"30", Duration::from_millis(300))
         .unwrap_err();
@@ -213,7 +213,7 @@ fn a_duplicate_reply_is_ignored() {
             vec![(ReplyId::Own, b"second")],
         ],
     );
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"1").unwrap(), b"first");
     assert_eq!(client.call(b"2").unwrap(), b"second");
     peer.join().unwrap();
@@ -224,7 +224,7 @@ fn call_many_returns_each_outcome_in_request_order() {
     let queue = unique_queue("many");
     let _guard = QueueGuard(queue.clone());
     let server = start_server(&queue, 2, fib_handler);
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let requests: Vec<Vec<u8>> = (0..40u64)
         .map(|n| {
             if n == 7 {

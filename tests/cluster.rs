@@ -178,7 +178,7 @@ fn a_server_rides_out_a_restart_of_its_only_broker_and_declares_its_queue_again(
         timeout: Duration::from_secs(2),
         ..ClientOptions::default()
     };
-    let mut client = amqp_rpc::Client::with_options(&url(1), client_options).unwrap();
+    let client = amqp_rpc::Client::with_options(&url(1), client_options).unwrap();
     assert_eq!(client.call(b"10").unwrap(), b"55");
 
     rabbitmqctl_on(0, &["stop_app"]);

@@ -186,7 +186,7 @@ fn shutdown_lets_the_request_in_flight_finish_and_stops_consuming() {
     assert_eq!(in_flight.join().unwrap().unwrap(), b"slow");
 
     // Nobody consumes any more: a new request waits in the queue until it times out.
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let error = client
         .call_with_timeout(b"10", Duration::from_millis(300))
         .unwrap_err();

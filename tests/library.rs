@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{
-    Client, ClientOptions, ConnectOptions, Error, ReplyRoute, Request, SharedConnection, fib,
-};
+use amqp_rpc::{Client, ClientOptions, Error, ReplyRoute, Request, fib};
 use common::{
     QueueGuard, ReplyId, client_for, declare_queue, raw_connection, require_broker, scripted_peer,
     start_fib_server, start_server, unique_queue,
@@ -20,7 +18,7 @@ fn round_trip_through_the_library() {
     let queue = unique_queue("roundtrip");
     let _guard = QueueGuard(queue.clone());
     let server = start_fib_server(&queue, 2);
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
 
     assert_eq!(client.fib(30).unwrap().to_string(), "832040");
     assert_eq!(
@@ -46,7 +44,7 @@ fn a_reply_with_a_strangers_correlation_id_is_dropped() {
             (ReplyId::Own, b"right"),
         ]],
     );
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"anything").unwrap(), b"right");
     peer.join().unwrap();
 }
@@ -59,7 +57,7 @@ fn without_a_server_the_call_times_out_close_to_its_timeout() {
     let channel = connection.open_channel(None).unwrap();
     declare_queue(&channel, &queue);
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let timeout = Duration::from_millis(700);
     let started = Instant::now();
     let error = client.call_with_timeout(b"30", timeout).unwrap_err();
@@ -86,7 +84,7 @@ fn many_threads_each_get_their_own_answers() {
         .map(|thread_index| {
             let queue = queue.clone();
             thread::spawn(move || {
-                let mut client = client_for(&queue, Duration::from_secs(10));
+                let client = client_for(&queue, Duration::from_secs(10));
                 for call in 0..40u64 {
                     let n = thread_index * 100 + call;
                     assert_eq!(client.fib(n).unwrap(), fib::fib(n), "fib({n})");
@@ -124,7 +122,7 @@ fn workers_serve_in_parallel() {
         .map(|index| {
             let (queue, connected) = (queue.clone(), Arc::clone(&connected));
             thread::spawn(move || {
-                let mut client = client_for(&queue, Duration::from_secs(10));
+                let client = client_for(&queue, Duration::from_secs(10));
                 connected.wait();
                 let started = Instant::now();
                 let body = index.to_string();
@@ -157,7 +155,7 @@ fn direct_reply_to_serves_single_and_batched_calls() {
         reply_route: ReplyRoute::DirectReplyTo,
         ..ClientOptions::default()
     };
-    let mut client = Client::with_options(&require_broker(), options).unwrap();
+    let client = Client::with_options(&require_broker(), options).unwrap();
     assert_eq!(client.fib(30).unwrap().to_string(), "832040");
     let requests: Vec<Vec<u8>> = (0..20u64).map(|n| n.to_string().into_bytes()).collect();
     let borrowed: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
@@ -172,44 +170,5 @@ fn direct_reply_to_serves_single_and_batched_calls() {
         );
     }
     client.close().unwrap();
-    server.shutdown().unwrap();
-}
-
-#[test]
-fn threads_share_one_connection_each_on_its_own_channel() {
-    let queue = unique_queue("shared");
-    let _guard = QueueGuard(queue.clone());
-    let server = start_fib_server(&queue, 4);
-    let shared = SharedConnection::open(&require_broker(), ConnectOptions::default()).unwrap();
-    let threads: Vec<_> = (0..8u64)
-        .map(|thread_index| {
-            let (shared, queue) = (shared.clone(), queue.clone());
-            thread::spawn(move || {
-                let route = if thread_index % 2 == 0 {
-                    ReplyRoute::ExclusiveQueue
-                } else {
-                    ReplyRoute::DirectReplyTo
-                };
-                let options = ClientOptions {
-                    queue,
-                    reply_route: route,
-                    ..ClientOptions::default()
-                };
-                // Clients come and go on the shared connection while others call.
-                for round in 0..3u64 {
-                    let mut client = Client::on_shared(&shared, options.clone()).unwrap();
-                    for call in 0..20u64 {
-                        let n = thread_index * 100 + round * 20 + call;
-                        assert_eq!(client.fib(n).unwrap(), fib::fib(n), "fib({n})");
-                    }
-                    client.close().unwrap();
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().unwrap();
-    }
-    shared.close().unwrap();
     server.shutdown().unwrap();
 }

@@ -106,7 +106,7 @@ fn our_client_gets_its_answer_from_a_pika_tutorial_server() {
     command.args([&pika_script("rpc_server.py"), &broker_url(), &queue]);
     let _server = spawn_until_ready(command, "Awaiting RPC requests");
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.fib(30).unwrap().to_string(), "832040");
 
     let output = our_client(&queue, &["20"]);

@@ -106,7 +106,7 @@ fn a_second_signal_exits_at_once() {
     let _guard = QueueGuard(queue.clone());
     let mut server = start_server_process(&queue, &["--max-n", "20000000"]);
     // fib(20,000,000) keeps the worker busy for far longer than this test waits.
-    let mut client = client_for(&queue, Duration::from_secs(1));
+    let client = client_for(&queue, Duration::from_secs(1));
     let _ = client.call_with_timeout(b"20000000", Duration::from_millis(100));
     wait_until_taken(&queue);
 
@@ -164,7 +164,7 @@ fn soak_servers_killed_terminated_and_started_under_load_lose_and_mix_up_nothing
         .map(|caller| {
             let (queue, stop, answered) = (queue.clone(), Arc::clone(&stop), Arc::clone(&answered));
             thread::spawn(move || {
-                let mut client = client_for(&queue, Duration::from_secs(30));
+                let client = client_for(&queue, Duration::from_secs(30));
                 let mut calls = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     // Big enough to be mid-computation when a server dies, unique per call.

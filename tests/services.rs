@@ -103,7 +103,7 @@ fn our_client_sends_headers_to_a_pika_server_and_gets_its_reply_headers_back() {
     command.args([&pika_script("properties_server.py"), &broker_url(), &queue]);
     let _server = spawn_until_ready(command, READY);
 
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let call = Call::new("payload")
         .with_header("x-tenant", "acme")
         .with_header("x-attempt", 3)
@@ -203,8 +203,8 @@ fn two_procedures_in_one_server_each_answer_and_never_see_each_others_requests()
     let (server, seen) = two_procedure_server(&require_broker(), &first, &second);
     assert_eq!((consumers(&first), consumers(&second)), (2, 1));
 
-    let mut fib_client = client_for(&first, Duration::from_secs(10));
-    let mut upper_client = client_for(&second, Duration::from_secs(10));
+    let fib_client = client_for(&first, Duration::from_secs(10));
+    let upper_client = client_for(&second, Duration::from_secs(10));
     for n in 0..5 {
         assert_eq!(fib_client.fib(n).unwrap(), fib::fib(n));
         let reply = upper_client.send(&Call::new(format!("call {n}"))).unwrap();
@@ -412,7 +412,7 @@ fn header_values_of_every_kind_reach_the_handler_as_sent() {
         .with_header("bytes", vec![0u8, 1, 2])
         .with_header("list", HeaderValue::List(vec!["a".into(), 1.into()]))
         .with_header("table", HeaderValue::Table(nested));
-    let mut client = Client::with_options(
+    let client = Client::with_options(
         &require_broker(),
         ClientOptions {
             queue: queue.clone(),

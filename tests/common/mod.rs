@@ -139,13 +139,16 @@ pub fn consumers(queue: &str) -> u32 {
 
 /// Requests of `queue` delivered to a server and not yet acked, as the broker counts them.
 pub fn unacked_messages(queue: &str) -> u32 {
-    let listing = rabbitmqctl(&[
-        "list_queues",
-        "name",
-        "messages_unacknowledged",
-        "--no-table-headers",
-        "-q",
-    ]);
+    queue_column(queue, "messages_unacknowledged")
+}
+
+/// Requests in `queue`, ready or delivered and not yet acked, as the broker counts them.
+pub fn queued_messages(queue: &str) -> u32 {
+    queue_column(queue, "messages")
+}
+
+fn queue_column(queue: &str, column: &str) -> u32 {
+    let listing = rabbitmqctl(&["list_queues", "name", column, "--no-table-headers", "-q"]);
     listing
         .lines()
         .find_map(|line| {
@@ -153,6 +156,22 @@ pub fn unacked_messages(queue: &str) -> u32 {
             (name == queue).then(|| count.trim().parse().unwrap())
         })
         .unwrap_or_else(|| panic!("the broker lists no queue {queue}"))
+}
+
+/// The channels the broker counts on the connection it names `name`; `None` when it lists no
+/// such connection.
+pub fn channels_on(name: &str) -> Option<u32> {
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "name",
+        "channels",
+        "--no-table-headers",
+        "-q",
+    ]);
+    listing.lines().find_map(|line| {
+        let (connection, channels) = line.split_once('\t')?;
+        (connection.trim() == name).then(|| channels.trim().parse().unwrap())
+    })
 }
 
 /// Polls `condition` every 20 ms until it holds; fails with `what` after 10 s.

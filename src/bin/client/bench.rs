@@ -1,9 +1,8 @@
 //! `client --bench`: many calls from several threads, with several in flight per thread.
 //!
-//! Each thread has its own [`Client`], all on one [`SharedConnection`], the way a program with
-//! many calling threads should. With `inflight` above 1 a thread sends its calls in batches of
-//! that size with [`Client::call_many`], and every call of a batch is counted with the batch's
-//! latency. Errors are counted, not fatal: a call that fails is followed by the next (which
+//! Every thread calls through a clone of one [`Client`], the way a program with many calling
+//! threads should. With `inflight` above 1 a thread sends its calls in batches of that size
+//! with [`Client::call_many`], and every call of a batch is counted with the batch's latency. Errors are counted, not fatal: a call that fails is followed by the next (which
 //! reconnects if the connection was lost).
 
 use std::fmt;
@@ -12,7 +11,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions, Error, Result, SharedConnection};
+use amqp_rpc::{Client, ClientOptions, Error, Result};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -84,8 +83,7 @@ impl fmt::Display for BenchReport {
 /// # Errors
 ///
 /// [`Error::Config`] for zero threads or zero in flight, and the errors of
-/// [`SharedConnection::open`] and [`Client::on_shared`] when the threads cannot connect
-/// at the start.
+/// [`Client::with_options`] when the client cannot connect at the start.
 pub fn run(
     url: &str,
     client: &ClientOptions,
@@ -97,22 +95,20 @@ pub fn run(
             "a benchmark needs at least one thread and one call in flight".into(),
         ));
     }
-    let shared = SharedConnection::open(url, client.connect.clone())?;
-    // Every thread opens its client first and waits here, so that connecting is not measured.
+    let shared = Client::with_options(url, client.clone())?;
+    // Every thread starts and waits here, so that starting threads is not measured.
     let connected = Arc::new(Barrier::new(options.threads + 1));
     let done = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..options.threads)
         .map(|index| {
             let share = options.calls / options.threads
                 + usize::from(index < options.calls % options.threads);
-            let (shared, client_options, options) =
-                (shared.clone(), client.clone(), options.clone());
+            let (client, options) = (shared.clone(), options.clone());
             let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
-            thread::spawn(move || -> Result<(Tally, Instant)> {
-                let client = Client::on_shared(&shared, client_options);
+            thread::spawn(move || -> (Tally, Instant) {
                 connected.wait();
-                let tally = call_repeatedly(&mut client?, share, &options, &done);
-                Ok((tally, Instant::now()))
+                let tally = call_repeatedly(&client, share, &options, &done);
+                (tally, Instant::now())
             })
         })
         .collect();
@@ -127,7 +123,7 @@ pub fn run(
     let mut finished = started;
     let mut total = Tally::default();
     for worker in workers {
-        let (tally, thread_finished) = worker.join().expect("a benchmark thread panicked")?;
+        let (tally, thread_finished) = worker.join().expect("a benchmark thread panicked");
         total.errors += tally.errors;
         total.connection_errors += tally.connection_errors;
         total.mismatched += tally.mismatched;
@@ -156,7 +152,7 @@ struct Tally {
 
 /// Makes `calls` calls, `inflight` at a time.
 fn call_repeatedly(
-    client: &mut Client,
+    client: &Client,
     calls: usize,
     options: &BenchOptions,
     done: &AtomicUsize,

@@ -116,7 +116,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
 
 /// The tutorial's client: asks for fib(n) and prints it.
 fn call_fib(args: &Args, n: u64, options: ClientOptions) -> amqp_rpc::Result<()> {
-    let mut client = Client::with_options(&args.broker.url_list(), options)?;
+    let client = Client::with_options(&args.broker.url_list(), options)?;
     println!(" [x] Requesting fib({n})");
     let answer = client.fib(n)?;
     println!(" [.] Got {answer}");
@@ -125,7 +125,7 @@ fn call_fib(args: &Args, n: u64, options: ClientOptions) -> amqp_rpc::Result<()>
 
 /// Sends `body` with the headers and content type given, and prints the reply body as it is.
 fn call_any(args: &Args, body: &str, options: ClientOptions) -> amqp_rpc::Result<()> {
-    let mut client = Client::with_options(&args.broker.url_list(), options)?;
+    let client = Client::with_options(&args.broker.url_list(), options)?;
     let mut call = Call::new(body);
     for (name, value) in &args.headers {
         call = call.with_header(name.as_str(), value.as_str());

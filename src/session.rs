@@ -1,0 +1,513 @@
+//! One connection's worth of client state, shared by every thread that calls through it: the
+//! connection, the one channel all threads publish on, and the reply consumer, whose replies
+//! are handed to the calls awaiting them.
+//!
+//! This is the tutorial's client loop (read the reply consumer, keep the reply whose
+//! `correlation_id` is awaited, drop the rest) run once for all callers instead of once per
+//! thread. The broker sees one channel and one reply queue (or direct reply-to) per session,
+//! however many threads call.
+//!
+//! **Who reads the replies.** Not a thread of its own: the callers take turns. While calls
+//! wait, exactly one of their threads is the *reader*: it reads the reply consumer (and the
+//! returned requests) and hands each reply to the call that awaits it, its own included. The
+//! others wait on their own channel for their answers, or for the reader role, which a reader
+//! passes on when its own calls are done. A lone caller is always the reader, so a sequential
+//! call costs what the tutorial's loop costs: a dispatcher thread instead cost sequential
+//! calls one thread hand-off each, 12% of their rate (2,337 against 2,655 calls/s, medians of
+//! three interleaved rounds on 2 cores), and gained nothing with 8 or 64 threads. Replies that
+//! arrive while nobody waits (late answers to calls that timed out) wait in the consumer's
+//! channel until the next reader drops them.
+//!
+//! **Publishing.** amiquip's `Channel` is not `Sync`, so the channel sits behind a mutex that
+//! is held only for the publish itself (about 5 µs: the frame goes to amiquip's I/O thread, not
+//! to the socket). Direct reply-to requires publishing on the channel that consumes the
+//! replies, which rules out a pool of publishing channels; a publisher thread would cost every
+//! call two more thread hand-offs. Measured with `bench/run` on 2 cores: see the README's
+//! performance table, where 64 threads publish through this one lock.
+//!
+//! **The reply consumer** is never cancelled: its `Consumer` handle is forgotten right after
+//! `basic_consume` (so that the channel can move into the mutex), which keeps its receiver
+//! alive for as long as the connection lives. amiquip must always be able to deliver to a
+//! consumer's receiver, even the final `ClientClosedChannel` (see `docs/amiquip.md`); a
+//! forgotten handle can never be dropped too early. The session ends by closing its
+//! connection, which ends the consumer with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, Publish, QueueDeclareOptions,
+    Return,
+};
+use crossbeam_channel::{Receiver, RecvTimeoutError, select};
+use log::{debug, trace};
+use uuid::Uuid;
+
+use crate::client::{ClientOptions, ReplyRoute};
+use crate::connect::Brokers;
+use crate::error::{Error, Result};
+use crate::message::{Call, Reply};
+use crate::wire::{self, DIRECT_REPLY_TO};
+
+/// What a waiting caller is told, by the reader or by the session.
+pub(crate) enum Event {
+    /// The outcome of the caller's call number `index`: the reply, the server's error, or no
+    /// route.
+    Answer {
+        index: usize,
+        outcome: Result<Reply>,
+    },
+    /// The session broke; no more answers will come through it.
+    Lost(Error),
+    /// The caller is the reader now (see the module documentation).
+    Read,
+}
+
+/// Where a waiting caller receives its [`Event`]s.
+///
+/// A mutex and a condition variable rather than a crossbeam channel: a crossbeam receiver spins
+/// and yields the processor several times before it sleeps, which with 64 waiting threads on 2
+/// cores cost 4 `sched_yield` calls per call; a condition variable sleeps at once, and is
+/// signalled only when its owner is asleep on it.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    state: Mutex<Letters>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Letters {
+    events: VecDeque<Event>,
+    /// True while the owner sleeps, waiting for an event.
+    asleep: bool,
+}
+
+impl Mailbox {
+    fn letters(&self) -> MutexGuard<'_, Letters> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn post(&self, event: Event) {
+        let asleep = {
+            let mut letters = self.letters();
+            letters.events.push_back(event);
+            letters.asleep
+        };
+        // Signalled after the lock is released, so that the owner does not wake only to wait
+        // for it.
+        if asleep {
+            self.arrived.notify_one();
+        }
+    }
+
+    /// The next event, if one is there.
+    pub(crate) fn take(&self) -> Option<Event> {
+        self.letters().events.pop_front()
+    }
+
+    /// The next event, waiting for it until `deadline`; `None` once the deadline has passed.
+    pub(crate) fn wait_until(&self, deadline: Instant) -> Option<Event> {
+        let mut letters = self.letters();
+        loop {
+            if let Some(event) = letters.events.pop_front() {
+                return Some(event);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            letters.asleep = true;
+            letters = self
+                .arrived
+                .wait_timeout(letters, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+            letters.asleep = false;
+        }
+    }
+}
+
+/// A waiting caller's part in reading the replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Waits on its own channel for answers.
+    Follower,
+    /// Reads the reply consumer for everyone.
+    Reader,
+}
+
+/// A call awaiting its reply: where to send it, and which of its caller's calls it is.
+struct Waiter {
+    mailbox: Arc<Mailbox>,
+    index: usize,
+}
+
+/// The calls awaiting replies, by correlation id, and whether the session still works.
+#[derive(Default)]
+struct Awaited {
+    calls: HashMap<String, Waiter>,
+    /// True while some caller holds the reader role.
+    reading: bool,
+    /// Why the session broke, once it has.
+    broken: Option<Error>,
+}
+
+impl Awaited {
+    /// Gives the reader role to a caller that still waits, if any.
+    fn pass_reading_on(&mut self) {
+        // Every caller in `calls` still waits: one that stops waiting leaves it first.
+        self.reading = match self.calls.values().next() {
+            Some(waiter) => {
+                waiter.mailbox.post(Event::Read);
+                true
+            }
+            None => false,
+        };
+    }
+}
+
+/// State that the callers share.
+#[derive(Default)]
+struct Shared {
+    awaited: Mutex<Awaited>,
+}
+
+impl Shared {
+    fn awaited(&self) -> MutexGuard<'_, Awaited> {
+        // Nothing panics while holding the lock; if something did, the map is still whole.
+        self.awaited
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands each outcome to the call with its correlation id, if one awaits it. The lock is
+    /// taken once for all, and released before the callers are woken.
+    fn answer(&self, outcomes: Vec<(String, Result<Reply>)>) {
+        let waiters: Vec<_> = {
+            let mut awaited = self.awaited();
+            outcomes
+                .into_iter()
+                .map(|(id, outcome)| (awaited.calls.remove(&id), id, outcome))
+                .collect()
+        };
+        for (waiter, id, outcome) in waiters {
+            match waiter {
+                Some(waiter) => {
+                    waiter.mailbox.post(Event::Answer {
+                        index: waiter.index,
+                        outcome,
+                    });
+                }
+                None => {
+                    debug!(
+                        "dropping a reply that no call awaits (late, duplicate or stray): {id:?}"
+                    )
+                }
+            }
+        }
+    }
+
+    /// Marks the session broken and tells every waiting call why.
+    fn break_with(&self, error: Error) {
+        let mut awaited = self.awaited();
+        if awaited.broken.is_none() {
+            debug!("the client's session broke: {error}");
+        }
+        for (_, waiter) in awaited.calls.drain() {
+            waiter.mailbox.post(Event::Lost(error.clone()));
+        }
+        awaited.broken.get_or_insert(error);
+    }
+}
+
+/// A connection with its publishing channel and reply consumer.
+pub(crate) struct Session {
+    /// The channel every caller publishes on; it also carries the reply consumer.
+    channel: Mutex<Channel>,
+    /// The reply consumer's messages, read by the reader.
+    replies: Receiver<ConsumerMessage>,
+    /// Requests the broker could not route, read by the reader.
+    returns: Receiver<Return>,
+    /// `None` once closed.
+    connection: Mutex<Option<Connection>>,
+    reply_to: String,
+    /// The server queue, as the routing key of requests.
+    queue: String,
+    shared: Shared,
+}
+
+impl Session {
+    /// Connects and sets up the reply consumer.
+    pub(crate) fn open(brokers: &Brokers, options: &ClientOptions) -> Result<Session> {
+        let mut connection = brokers.connect(&options.connect)?;
+        let channel = connection.open_channel(None)?;
+        let returns = channel.listen_for_returns()?;
+        let reply_to = match options.reply_route {
+            ReplyRoute::ExclusiveQueue => channel
+                .queue_declare(
+                    "",
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                )?
+                .name()
+                .to_string(),
+            ReplyRoute::DirectReplyTo => DIRECT_REPLY_TO.to_string(),
+        };
+        // Direct reply-to requires consuming, without acks, before the first publish.
+        let consumer = channel.basic_consume(
+            reply_to.clone(),
+            ConsumerOptions {
+                no_ack: true,
+                exclusive: options.reply_route == ReplyRoute::ExclusiveQueue,
+                ..ConsumerOptions::default()
+            },
+        )?;
+        let replies = consumer.receiver().clone();
+        // Never cancelled and never dropped: see the module documentation.
+        std::mem::forget(consumer);
+        debug!("client ready, replies to {reply_to}");
+        Ok(Session {
+            channel: Mutex::new(channel),
+            replies,
+            returns,
+            connection: Mutex::new(Some(connection)),
+            reply_to,
+            queue: options.queue.clone(),
+            shared: Shared::default(),
+        })
+    }
+
+    /// True once the session can carry no more calls.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.shared.awaited().broken.is_some()
+    }
+
+    /// Registers `calls` (each with its index in the caller's batch and the time it has left)
+    /// so that their outcomes come to `events`, publishes them, and returns their correlation
+    /// ids, in order, and the caller's role: the reader when nobody else reads.
+    ///
+    /// # Errors
+    ///
+    /// Why the session is broken, or broke while publishing; then it is marked broken, and the
+    /// caller holds no role.
+    pub(crate) fn start<'c>(
+        &self,
+        calls: impl ExactSizeIterator<Item = (usize, &'c Call, Duration)>,
+        mailbox: &Arc<Mailbox>,
+    ) -> Result<(Vec<String>, Role)> {
+        let role;
+        let mut ids = Vec::with_capacity(calls.len());
+        let mut requests = Vec::with_capacity(calls.len());
+        {
+            // Registered before publishing: a reply can arrive before `basic_publish` returns.
+            let mut awaited = self.shared.awaited();
+            if let Some(error) = &awaited.broken {
+                return Err(error.clone());
+            }
+            for (index, call, left) in calls {
+                let id = Uuid::new_v4().to_string();
+                let waiter = Waiter {
+                    mailbox: Arc::clone(mailbox),
+                    index,
+                };
+                awaited.calls.insert(id.clone(), waiter);
+                requests.push((call, left));
+                ids.push(id);
+            }
+            role = if awaited.reading {
+                Role::Follower
+            } else {
+                awaited.reading = true;
+                Role::Reader
+            };
+        }
+        for ((call, left), id) in requests.into_iter().zip(&ids) {
+            if let Err(error) = self.publish(call, id, left) {
+                self.shared.break_with(error.clone());
+                self.leave(role, &ids, mailbox);
+                return Err(error);
+            }
+        }
+        Ok((ids, role))
+    }
+
+    fn publish(&self, call: &Call, correlation_id: &str, timeout: Duration) -> Result<()> {
+        let properties =
+            wire::request_properties(call, &self.reply_to, correlation_id, timeout.as_millis());
+        let publish = Publish {
+            body: &call.body,
+            routing_key: self.queue.clone(),
+            mandatory: true,
+            immediate: false,
+            properties,
+        };
+        self.channel
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .basic_publish("", publish)?;
+        trace!("published request {correlation_id} to {}", self.queue);
+        Ok(())
+    }
+
+    /// Stops awaiting the calls with these correlation ids (they timed out): a reply that
+    /// comes for one later is dropped as late.
+    pub(crate) fn forget(&self, ids: impl IntoIterator<Item = impl AsRef<str>>) {
+        let mut awaited = self.shared.awaited();
+        for id in ids {
+            awaited.calls.remove(id.as_ref());
+        }
+    }
+
+    /// Ends a caller's wait: forgets its calls still awaited (`ids`), and passes the reader
+    /// role on if it holds it, or if it was handed the role (an [`Event::Read`] still in its
+    /// `mailbox`) just as it gave up. Answers still in the mailbox are dropped.
+    pub(crate) fn leave(&self, role: Role, ids: &[String], mailbox: &Mailbox) {
+        let mut awaited = self.shared.awaited();
+        for id in ids {
+            awaited.calls.remove(id);
+        }
+        // Under the lock, so that no role can be handed to this caller after this look.
+        let handed_the_role =
+            std::iter::from_fn(|| mailbox.take()).any(|event| matches!(event, Event::Read));
+        if role == Role::Reader || handed_the_role {
+            awaited.pass_reading_on();
+        }
+    }
+
+    /// As the reader: reads the next reply or returned request and hands it to the call that
+    /// awaits it, or waits until `deadline` for one. When the consumer has ended, breaks the
+    /// session: every waiting call, the reader's own too, is told [`Event::Lost`].
+    pub(crate) fn read(&self, deadline: Instant) {
+        // Waiting on the reply channel alone costs far less than `select!` over it and the
+        // returns channel (a third of the futex calls). Replies usually follow each other
+        // closely, so wait on them alone for QUICK first, and look at the returns after each
+        // reply without waiting; when no reply comes for QUICK, wait on both.
+        const QUICK: Duration = Duration::from_millis(5);
+        // Replies handed out under one lock, at most, before the reader looks at its own.
+        const MOST_AT_ONCE: usize = 64;
+        let message = match self
+            .replies
+            .recv_deadline(deadline.min(Instant::now() + QUICK))
+        {
+            Ok(message) => Ok(message),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+            Err(RecvTimeoutError::Timeout) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                select! {
+                    recv(self.replies) -> message => message.map_err(|_| ()),
+                    recv(self.returns) -> returned => match returned {
+                        Ok(returned) => {
+                            self.shared.answer(vec![returned_outcome(returned)]);
+                            return;
+                        }
+                        Err(_) => Err(()),
+                    },
+                    default(remaining) => return,
+                }
+            }
+        };
+        let mut outcomes = Vec::new();
+        let mut next = message;
+        // Take every reply already there, so that one lock serves them all.
+        let ended = loop {
+            match next {
+                Ok(ConsumerMessage::Delivery(delivery)) => outcomes.push(reply_outcome(delivery)),
+                Ok(other) => break Some(consumer_ended(other)),
+                Err(()) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
+            }
+            if outcomes.len() == MOST_AT_ONCE {
+                // The rest wait for the next read: the reader must look at its own answers.
+                break None;
+            }
+            match self.replies.try_recv() {
+                Ok(message) => next = Ok(message),
+                Err(crossbeam_channel::TryRecvError::Empty) => break None,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    break Some(Error::lost(amiquip::Error::EventLoopDropped));
+                }
+            }
+        };
+        while let Ok(returned) = self.returns.try_recv() {
+            outcomes.push(returned_outcome(returned));
+        }
+        self.shared.answer(outcomes);
+        if let Some(error) = ended {
+            self.shared.break_with(error);
+        }
+    }
+
+    /// Closes the connection, which ends the reply consumer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the
+    /// close.
+    pub(crate) fn close(&self) -> Result<()> {
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        self.shared
+            .break_with(Error::lost(amiquip::Error::ClientClosedConnection));
+        match connection {
+            Some(connection) => Ok(connection.close()?),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            debug!("closing the client quietly: {error}");
+        }
+    }
+}
+
+/// A reply's correlation id, and what it means for the call: the reply or the server's error.
+fn reply_outcome(delivery: Delivery) -> (String, Result<Reply>) {
+    let id = delivery
+        .properties
+        .correlation_id()
+        .clone()
+        .unwrap_or_default();
+    trace!("reply to {id} arrived");
+    (id, wire::reply_from(delivery).map_err(Error::Remote))
+}
+
+/// A request the broker could not route: no queue by that name.
+fn returned_outcome(returned: Return) -> (String, Result<Reply>) {
+    let id = returned
+        .properties
+        .correlation_id()
+        .clone()
+        .unwrap_or_default();
+    debug!("request {id} returned: {}", returned.reply_text);
+    (
+        id,
+        Err(Error::NoRoute {
+            queue: returned.routing_key,
+        }),
+    )
+}
+
+/// Explains why the reply consumer stopped delivering.
+fn consumer_ended(message: ConsumerMessage) -> Error {
+    match message {
+        ConsumerMessage::ServerClosedConnection(error)
+        | ConsumerMessage::ServerClosedChannel(error) => Error::from_amqp(error),
+        ConsumerMessage::ClientClosedConnection => {
+            Error::lost(amiquip::Error::ClientClosedConnection)
+        }
+        ConsumerMessage::ClientClosedChannel
+        | ConsumerMessage::ClientCancelled
+        | ConsumerMessage::ServerCancelled
+        | ConsumerMessage::Delivery(_) => Error::lost(amiquip::Error::ClientClosedChannel),
+    }
+}
