@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             .serve(
                 format!("{}.fib", args.prefix),
                 QueueOptions::with_workers(4),
-                |request: &Request| fib::handle_request(request.body(), fib::DEFAULT_MAX_N),
+                |request: &Request| fib::serve(request, fib::DEFAULT_MAX_N),
             )
             .serve(
                 format!("{}.stats", args.prefix),

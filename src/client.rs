@@ -17,14 +17,15 @@
 //! its own deadline passes; when the session breaks and retry is on, the unanswered ones are
 //! sent again on the next session.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::debug;
 use num_bigint::BigUint;
 
 use crate::connect::{Brokers, ConnectOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, Role, Session};
 use crate::wire::DEFAULT_QUEUE;
@@ -46,6 +47,18 @@ pub struct ClientOptions {
     pub retry: bool,
     /// How replies come back. Default: [`ReplyRoute::ExclusiveQueue`].
     pub reply_route: ReplyRoute,
+    /// How long a call waits before it asks the broker whether any server consumes the server
+    /// queue; when none does and requests wait in it, the call fails with
+    /// [`Error::NoServer`] instead of waiting out its whole timeout. (When none consumes but
+    /// the queue is empty, the request was taken by a server that is draining: the call waits
+    /// for its reply.) A server that restarts within the grace fails nothing. The broker is
+    /// asked only for calls still unanswered after the grace, at most once a second per
+    /// client. `Duration::ZERO` turns the check off. Default: 1 s.
+    pub no_server_grace: Duration,
+    /// The most calls this client (all its clones together) keeps in flight; a call past the
+    /// limit fails at once with [`Error::Overloaded`] instead of queueing without bound.
+    /// Default: `None`, no limit.
+    pub max_in_flight: Option<usize>,
     /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
@@ -57,6 +70,8 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             retry: false,
             reply_route: ReplyRoute::default(),
+            no_server_grace: Duration::from_secs(1),
+            max_in_flight: None,
             connect: ConnectOptions::default(),
         }
     }
@@ -120,8 +135,18 @@ pub struct Client {
 struct Inner {
     brokers: Brokers,
     options: ClientOptions,
-    /// The current session; `None` after it broke, until a call connects again.
-    session: Mutex<Option<Arc<Session>>>,
+    slot: Mutex<Slot>,
+    /// Signalled when a connection attempt ends.
+    connected: Condvar,
+    /// Calls in flight, for [`ClientOptions::max_in_flight`].
+    in_flight: AtomicUsize,
+}
+
+/// The current session, and whether a caller is connecting a new one.
+struct Slot {
+    /// `None` after the session broke, until a call connects again.
+    session: Option<Arc<Session>>,
+    connecting: bool,
 }
 
 /// Checked at compile time: a client can be shared by threads.
@@ -150,12 +175,17 @@ impl Client {
     /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
     pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
         let brokers = Brokers::parse(url)?;
-        let session = Session::open(&brokers, &options)?;
+        let session = Session::open(&brokers, &options, None)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 brokers,
                 options,
-                session: Mutex::new(Some(Arc::new(session))),
+                slot: Mutex::new(Slot {
+                    session: Some(Arc::new(session)),
+                    connecting: false,
+                }),
+                connected: Condvar::new(),
+                in_flight: AtomicUsize::new(0),
             }),
         })
     }
@@ -163,6 +193,15 @@ impl Client {
     /// The options this client was made with.
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options
+    }
+
+    /// Replies that arrived after their call had timed out, on the current connection. Each is
+    /// dropped and logged once at debug.
+    pub fn late_replies(&self) -> u64 {
+        self.lock_slot()
+            .session
+            .as_ref()
+            .map_or(0, |session| session.late_replies())
     }
 
     /// Sends `request` to the server queue and returns the reply body, waiting at most the
@@ -237,19 +276,37 @@ impl Client {
     /// Each outcome has the errors of [`Client::send`].
     pub fn send_many(&self, calls: &[Call]) -> Vec<Result<Reply>> {
         let started = Instant::now();
+        let options = &self.inner.options;
         let timeouts: Vec<Duration> = calls
             .iter()
-            .map(|call| call.timeout.unwrap_or(self.inner.options.timeout))
+            .map(|call| call.timeout.unwrap_or(options.timeout))
             .collect();
         let mut batch = Batch {
             calls,
-            deadlines: timeouts.iter().map(|&timeout| started + timeout).collect(),
+            deadlines: timeouts
+                .iter()
+                .map(|&timeout| deadline_after(started, timeout))
+                .collect(),
             timeouts,
             outcomes: calls.iter().map(|_| None).collect(),
-            pending: (0..calls.len()).collect(),
+            pending: Vec::with_capacity(calls.len()),
+            queue: options.queue.clone(),
+            grace_check: (!options.no_server_grace.is_zero())
+                .then(|| deadline_after(started, options.no_server_grace)),
         };
+        let _admitted = self.admit(&mut batch);
+        // What kept the pending calls from an answer so far, when retrying.
+        let mut last_error: Option<Error> = None;
         while !batch.pending.is_empty() {
-            let (error, connecting) = match self.session() {
+            if let Some(error) = &last_error {
+                // A call whose deadline passed while retrying ends with what kept it from an
+                // answer, not with a timeout that hides it.
+                batch.expire_pending(Instant::now(), error);
+            }
+            let Some(earliest) = batch.earliest_pending_deadline() else {
+                break;
+            };
+            let (error, connecting) = match self.session(Some(earliest)) {
                 Ok(session) => match batch.exchange(&session) {
                     Ok(()) => break,
                     Err(error) => {
@@ -259,26 +316,24 @@ impl Client {
                 },
                 Err(error) => (error, true),
             };
-            if !(self.inner.options.retry && is_retryable(&error)) {
+            if !(options.retry && is_retryable(&error)) {
                 batch.fail_pending(&error);
                 break;
             }
-            batch.time_out_expired(Instant::now());
-            if let Some(earliest) = batch.earliest_pending_deadline() {
-                debug!(
-                    "retrying {} calls after: {}",
-                    batch.pending.len(),
-                    error.chain()
+            debug!(
+                "retrying {} calls after: {}",
+                batch.pending.len(),
+                error.chain()
+            );
+            if connecting {
+                // Do not hammer brokers that refuse connections.
+                std::thread::sleep(
+                    earliest
+                        .saturating_duration_since(Instant::now())
+                        .min(RETRY_PAUSE),
                 );
-                if connecting {
-                    // Do not hammer brokers that refuse connections.
-                    std::thread::sleep(
-                        earliest
-                            .saturating_duration_since(Instant::now())
-                            .min(RETRY_PAUSE),
-                    );
-                }
             }
+            last_error = Some(error);
         }
         batch
             .outcomes
@@ -287,36 +342,104 @@ impl Client {
             .collect()
     }
 
-    /// The current session, connecting again if the last one broke. One caller connects while
-    /// the others wait for it.
-    fn session(&self) -> Result<Arc<Session>> {
-        let mut current = self.lock_session();
-        if let Some(session) = current.as_ref().filter(|session| !session.is_broken()) {
-            return Ok(Arc::clone(session));
+    /// Admits as many of the batch's calls as [`ClientOptions::max_in_flight`] allows, as
+    /// pending, and fails the rest with [`Error::Overloaded`]; the admitted calls count as in
+    /// flight until the returned guard is dropped.
+    fn admit(&self, batch: &mut Batch) -> InFlight<'_> {
+        let wanted = batch.calls.len();
+        let admitted = match self.inner.options.max_in_flight {
+            None => wanted,
+            Some(limit) => {
+                let mut admitted = 0;
+                let _ = self.inner.in_flight.fetch_update(
+                    AtomicOrdering::AcqRel,
+                    AtomicOrdering::Acquire,
+                    |in_flight| {
+                        admitted = wanted.min(limit.saturating_sub(in_flight));
+                        Some(in_flight + admitted)
+                    },
+                );
+                admitted
+            }
+        };
+        batch.pending.extend(0..admitted);
+        for index in admitted..wanted {
+            batch.outcomes[index] = Some(Err(Error::Overloaded {
+                max_in_flight: self.inner.options.max_in_flight.unwrap_or(usize::MAX),
+            }));
         }
-        if current.take().is_some() {
+        InFlight {
+            counter: &self.inner.in_flight,
+            calls: if self.inner.options.max_in_flight.is_some() {
+                admitted
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The current session, connecting again if the last one broke. One caller connects while
+    /// the others wait for it, each no longer than its own `deadline`.
+    fn session(&self, deadline: Option<Instant>) -> Result<Arc<Session>> {
+        let mut slot = self.lock_slot();
+        loop {
+            if let Some(session) = slot.session.as_ref().filter(|session| !session.is_broken()) {
+                return Ok(Arc::clone(session));
+            }
+            if !slot.connecting {
+                break;
+            }
+            let left = deadline.map_or(Duration::MAX, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            });
+            if left.is_zero() {
+                return Err(Error::Connect {
+                    addr: "the broker".into(),
+                    source: Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "another call was still connecting when this call's deadline passed",
+                    )),
+                });
+            }
+            slot = self
+                .inner
+                .connected
+                .wait_timeout(slot, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        if slot.session.take().is_some() {
             debug!("connecting again after a lost connection");
         }
-        let session = Arc::new(Session::open(&self.inner.brokers, &self.inner.options)?);
-        *current = Some(Arc::clone(&session));
-        Ok(session)
+        slot.connecting = true;
+        drop(slot);
+        let opened =
+            Session::open(&self.inner.brokers, &self.inner.options, deadline).map(Arc::new);
+        let mut slot = self.lock_slot();
+        slot.connecting = false;
+        if let Ok(session) = &opened {
+            slot.session = Some(Arc::clone(session));
+        }
+        self.inner.connected.notify_all();
+        opened
     }
 
     /// Forgets `broken`, unless another caller has replaced it already.
     fn drop_session(&self, broken: &Arc<Session>) {
-        let mut current = self.lock_session();
-        if current
+        let mut slot = self.lock_slot();
+        if slot
+            .session
             .as_ref()
             .is_some_and(|session| Arc::ptr_eq(session, broken))
         {
-            *current = None;
+            slot.session = None;
         }
     }
 
-    fn lock_session(&self) -> MutexGuard<'_, Option<Arc<Session>>> {
-        // A panic elsewhere while the lock was held leaves the Option whole: keep using it.
+    fn lock_slot(&self) -> MutexGuard<'_, Slot> {
+        // A panic elsewhere while the lock was held leaves the slot whole: keep using it.
         self.inner
-            .session
+            .slot
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -348,11 +471,11 @@ impl Client {
         let Ok(inner) = Arc::try_unwrap(self.inner) else {
             return Ok(());
         };
-        let session = inner
-            .session
+        let slot = inner
+            .slot
             .into_inner()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match session {
+        match slot.session {
             Some(session) => session.close(),
             None => Ok(()),
         }
@@ -367,6 +490,35 @@ struct Batch<'a> {
     outcomes: Vec<Option<Result<Reply>>>,
     /// The calls still to be sent on the next session, by index.
     pending: Vec<usize>,
+    /// The server queue, for errors.
+    queue: String,
+    /// When to ask the broker whether any server consumes the queue; `None` once asked, or
+    /// when the check is off.
+    grace_check: Option<Instant>,
+}
+
+/// Calls counted in [`Inner::in_flight`] until dropped.
+struct InFlight<'a> {
+    counter: &'a AtomicUsize,
+    calls: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.calls > 0 {
+            self.counter.fetch_sub(self.calls, AtomicOrdering::AcqRel);
+        }
+    }
+}
+
+/// The instant `timeout` after `start`; for timeouts too long to represent (`Duration::MAX`),
+/// a century later, which no call waits out.
+fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(CENTURY))
+        .unwrap_or(start + Duration::from_secs(24 * 3600))
 }
 
 impl Batch<'_> {
@@ -400,6 +552,37 @@ impl Batch<'_> {
                 waiting.pop();
             }
             let next_deadline = self.deadlines[waiting.last().expect("a call waits").0];
+            if let Some(check) = self.grace_check
+                && check <= Instant::now()
+            {
+                self.grace_check = None;
+                // With nobody consuming, a request still unanswered is waiting in the queue,
+                // unless a server took it and stopped consuming (to drain, say) while it
+                // works on it: an empty queue means the request is being served.
+                if session
+                    .queue_state()
+                    .is_some_and(|state| state.consumers == 0 && state.waiting > 0)
+                {
+                    debug!("no server consumes queue '{}'", self.queue);
+                    let mut given_up = Vec::new();
+                    for (index, id) in waiting.drain(..) {
+                        if self.outcomes[index].is_none() {
+                            self.outcomes[index] = Some(Err(Error::NoServer {
+                                queue: self.queue.clone(),
+                            }));
+                            unanswered -= 1;
+                            given_up.push(id);
+                        }
+                    }
+                    // As for timed-out calls: a reply that still comes is late.
+                    session.forget(given_up);
+                    continue;
+                }
+            }
+            // Wake for the grace check too.
+            let next_deadline = self
+                .grace_check
+                .map_or(next_deadline, |check| check.min(next_deadline));
             let event = match role {
                 // The reader's own answers come through its mailbox too, without a wait.
                 Role::Reader => match mailbox.take() {
@@ -433,12 +616,18 @@ impl Batch<'_> {
                         }
                         let (index, id) = waiting.pop().expect("just seen");
                         if self.outcomes[index].is_none() {
-                            self.time_out(index);
-                            unanswered -= 1;
-                            expired.push(id);
+                            expired.push((index, id));
                         }
                     }
-                    session.forget(&expired);
+                    if !expired.is_empty() {
+                        // What the broker knew when the calls gave up explains the timeout.
+                        let state = session.queue_state();
+                        for &(index, _) in &expired {
+                            self.time_out(index, state);
+                            unanswered -= 1;
+                        }
+                        session.forget(expired.into_iter().map(|(_, id)| id).collect());
+                    }
                 }
             }
         }
@@ -457,18 +646,22 @@ impl Batch<'_> {
         failure.map_or(Ok(()), Err)
     }
 
-    fn time_out(&mut self, index: usize) {
-        self.outcomes[index] = Some(Err(Error::Timeout(self.timeouts[index])));
+    fn time_out(&mut self, index: usize, state: Option<QueueState>) {
+        self.outcomes[index] = Some(Err(Error::Timeout {
+            after: self.timeouts[index],
+            queue: self.queue.clone(),
+            state,
+        }));
     }
 
-    /// Times out every pending call whose deadline is `now` or earlier.
-    fn time_out_expired(&mut self, now: Instant) {
+    /// Ends every pending call whose deadline is `now` or earlier with `error`.
+    fn expire_pending(&mut self, now: Instant, error: &Error) {
         let (expired, live): (Vec<usize>, Vec<usize>) = self
             .pending
             .iter()
             .partition(|&&index| self.deadlines[index] <= now);
         for index in expired {
-            self.time_out(index);
+            self.outcomes[index] = Some(Err(error.clone()));
         }
         self.pending = live;
     }

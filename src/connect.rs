@@ -7,7 +7,7 @@
 //! plumbing for the client and the server.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -159,11 +159,43 @@ impl Brokers {
     ///
     /// The last broker's error when none answers; see [`open_address`].
     pub(crate) fn connect(&self, options: &ConnectOptions) -> Result<Connection> {
+        self.connect_by(options, None)
+    }
+
+    /// As [`Brokers::connect`], but gives up at `deadline`: each broker gets at most the time
+    /// left, so that a call's timeout covers its reconnection too.
+    ///
+    /// # Errors
+    ///
+    /// As [`Brokers::connect`]; when the deadline has passed before a broker could be tried,
+    /// [`Error::Connect`] with a timed-out cause.
+    pub(crate) fn connect_by(
+        &self,
+        options: &ConnectOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Connection> {
         let count = self.addresses.len();
         let first = self.next.load(Ordering::Relaxed) % count;
         let mut last_error = None;
         for index in (first..count).chain(0..first) {
-            match open_address(&self.addresses[index], options) {
+            let address = &self.addresses[index];
+            let mut options = options.clone();
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(last_error.unwrap_or_else(|| {
+                        connect_error(
+                            address,
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the call's deadline passed before connecting",
+                            ),
+                        )
+                    }));
+                }
+                options.connect_timeout = options.connect_timeout.min(left);
+            }
+            match open_address(address, &options) {
                 Ok(connection) => {
                     self.next.store(index + 1, Ordering::Relaxed);
                     return Ok(connection);
@@ -184,8 +216,9 @@ impl Brokers {
 ///
 /// # Errors
 ///
-/// [`Error::Config`] for refused credentials or a failed TLS handshake; [`Error::Connect`]
-/// when no TCP connection or AMQP handshake completes within the timeout;
+/// [`Error::Authentication`] for refused credentials, [`Error::Tls`] for a failed TLS
+/// handshake; [`Error::Connect`] when no TCP connection or AMQP handshake completes within the
+/// timeout;
 /// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
 /// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost).
 fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
@@ -202,8 +235,10 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
     let stream = mio::net::TcpStream::from_stream(stream)
         .map_err(|source| connect_error(address, source))?;
     let connection = if address.tls {
-        let connector = native_tls::TlsConnector::new()
-            .map_err(|e| Error::Config(format!("cannot set up TLS: {e}")))?;
+        let connector = native_tls::TlsConnector::new().map_err(|e| Error::Tls {
+            addr: url_for_display(address),
+            reason: format!("cannot set up TLS: {e}"),
+        })?;
         Connection::open_tls_stream(
             connector,
             &address.host,
@@ -216,16 +251,15 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
     };
     let connection = connection.map_err(|error| match error {
         // A refused handshake is not a lost connection: say which broker refused it.
-        amiquip::Error::InvalidCredentials => Error::Config(format!(
-            "the broker at {} refused user '{}': invalid credentials",
-            url_for_display(address),
-            address.username
-        )),
+        amiquip::Error::InvalidCredentials => Error::Authentication {
+            addr: url_for_display(address),
+            user: address.username.clone(),
+        },
         // Usually a certificate the system does not trust: set SSL_CERT_FILE to its CA.
-        amiquip::Error::TlsHandshake { source } => Error::Config(format!(
-            "TLS handshake with {} failed: {source}",
-            url_for_display(address)
-        )),
+        amiquip::Error::TlsHandshake { source } => Error::Tls {
+            addr: url_for_display(address),
+            reason: source.to_string(),
+        },
         amiquip::Error::ConnectionTimeout => connect_error(
             address,
             std::io::Error::new(

@@ -7,10 +7,14 @@
 use num_bigint::BigUint;
 use num_traits::{One, Zero};
 
-use crate::message::HandlerError;
+use crate::message::{HandlerError, Request};
 
 /// The largest `n` a server answers by default. fib(1,000,000) has 208,988 decimal digits.
 pub const DEFAULT_MAX_N: u64 = 1_000_000;
+
+/// From this `n` on, computing takes long enough (milliseconds and up) that [`serve`] first
+/// checks whether the caller still waits.
+pub const DEADLINE_CHECK_FROM_N: u64 = 10_000;
 
 /// Returns the `n`-th Fibonacci number, with fib(0) = 0 and fib(1) = 1.
 pub fn fib(n: u64) -> BigUint {
@@ -88,6 +92,24 @@ fn preview(text: &[u8]) -> String {
 /// not an acceptable `n`.
 pub fn handle_request(body: &[u8], max_n: u64) -> Result<Vec<u8>, HandlerError> {
     let n = parse_request(body, max_n).map_err(HandlerError::bad_request)?;
+    Ok(fib(n).to_str_radix(10).into_bytes())
+}
+
+/// The tutorial's handler: answers a request for fib(n) (see [`handle_request`]), unless `n`
+/// is large ([`DEADLINE_CHECK_FROM_N`] or more) and the request's deadline has already passed:
+/// then nobody waits for the answer, and computing it would only delay the next request.
+///
+/// # Errors
+///
+/// A [`HandlerError::bad_request`] when the body is not an acceptable `n`; a
+/// [`HandlerError::deadline_exceeded`] when the deadline passed before a large `n` was begun.
+pub fn serve(request: &Request, max_n: u64) -> Result<Vec<u8>, HandlerError> {
+    let n = parse_request(request.body(), max_n).map_err(HandlerError::bad_request)?;
+    if n >= DEADLINE_CHECK_FROM_N && request.is_past_deadline() {
+        return Err(HandlerError::deadline_exceeded(format!(
+            "the deadline passed before fib({n}) was begun"
+        )));
+    }
     Ok(fib(n).to_str_radix(10).into_bytes())
 }
 
@@ -175,6 +197,23 @@ mod tests {
                 .unwrap_err()
                 .contains("1000000 bytes")
         );
+    }
+
+    #[test]
+    fn serve_skips_large_n_past_its_deadline_only() {
+        use std::time::{Duration, SystemTime};
+        let past = SystemTime::now() - Duration::from_secs(1);
+        let future = SystemTime::now() + Duration::from_secs(60);
+        let large = DEADLINE_CHECK_FROM_N.to_string();
+        let late = Request::new(large.clone()).with_deadline(past);
+        let error = serve(&late, DEFAULT_MAX_N).unwrap_err();
+        assert_eq!(error.kind(), crate::FailureKind::DeadlineExceeded);
+        assert!(serve(&Request::new(large).with_deadline(future), DEFAULT_MAX_N).is_ok());
+        assert_eq!(
+            serve(&Request::new("30").with_deadline(past), 100).unwrap(),
+            b"832040"
+        );
+        assert_eq!(serve(&Request::new("30"), 100).unwrap(), b"832040");
     }
 
     #[test]

@@ -92,8 +92,9 @@
 //!
 //! The wire format is the tutorial's: a request goes to the server queue with `reply_to` and
 //! `correlation_id`, and its reply comes back with the same `correlation_id`. Headers and
-//! properties are optional; an error reply carries its message in the [`ERROR_HEADER`] header
-//! and its kind in [`ERROR_KIND_HEADER`]. The README's "Wire protocol" section lists every
+//! properties are optional; requests carry their deadline in [`DEADLINE_HEADER`]; an error
+//! reply carries its message in the [`ERROR_HEADER`] header and its kind in
+//! [`ERROR_KIND_HEADER`]. The README's "Wire protocol" section lists every
 //! field.
 //!
 //! # Features
@@ -119,11 +120,13 @@ mod wire;
 
 pub use client::{Client, ClientOptions, ReplyRoute};
 pub use connect::{ConnectOptions, DEFAULT_URL};
-pub use error::{Error, Result};
+pub use error::{Error, QueueState, Result};
 pub use headers::{HeaderValue, Headers};
-pub use message::{Call, HandlerError, Reply, Request};
+pub use message::{Call, FailureKind, HandlerError, Reply, Request};
 pub use server::{
-    Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions, ShutdownHandle,
-    default_workers,
+    DEFAULT_MAX_BODY, Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions,
+    ShutdownHandle, default_workers,
 };
-pub use wire::{DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE};
+pub use wire::{
+    DEADLINE_HEADER, DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE,
+};

@@ -4,7 +4,7 @@
 //! The body is bytes; everything else is optional AMQP metadata, so the tutorial's peers in
 //! other languages (which set only `reply_to` and `correlation_id`) work unchanged.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::headers::{HeaderValue, Headers};
 
@@ -12,7 +12,7 @@ use crate::headers::{HeaderValue, Headers};
 ///
 /// ```
 /// use amqp_rpc::Call;
-/// use std::time::Duration;
+/// use std::time::{Duration, SystemTime};
 ///
 /// let call = Call::new("hello")
 ///     .with_header("x-tenant", "acme")
@@ -105,6 +105,7 @@ impl Call {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Request {
     pub(crate) body: Vec<u8>,
+    pub(crate) deadline: Option<SystemTime>,
     pub(crate) headers: Headers,
     pub(crate) content_type: Option<String>,
     pub(crate) content_encoding: Option<String>,
@@ -141,9 +142,29 @@ impl Request {
         self
     }
 
+    /// Sets the deadline; for testing handlers.
+    pub fn with_deadline(mut self, deadline: SystemTime) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
     /// The body.
     pub fn body(&self) -> &[u8] {
         &self.body
+    }
+
+    /// When the caller stops waiting for the reply, from the request's `deadline` header;
+    /// `None` for a request without one (the tutorial's peers send none). A handler doing long
+    /// work can give up once it has passed ([`Request::is_past_deadline`]) and answer
+    /// [`HandlerError::deadline_exceeded`]. The server compares it with its own clock.
+    pub fn deadline(&self) -> Option<SystemTime> {
+        self.deadline
+    }
+
+    /// True when the request has a deadline and it has passed.
+    pub fn is_past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| deadline <= SystemTime::now())
     }
 
     /// The headers (empty when the request had none).
@@ -309,37 +330,85 @@ impl From<&str> for Reply {
 }
 
 /// A handler's refusal or failure, sent back to the caller as an error reply; the caller's
-/// call returns [`crate::Error::Remote`] with the message.
+/// call returns [`crate::Error::Remote`] with the message and the kind.
 ///
 /// On the wire the message travels in the `error` header (and as the body), and the kind in
-/// the `error-kind` header: `bad-request` for input the handler will never accept (don't
-/// retry it), `handler-failed` for everything else.
+/// the `error-kind` header (see [`FailureKind`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandlerError {
     kind: FailureKind,
     message: String,
 }
 
-/// Why a handler did not answer; see [`HandlerError`].
+/// What kind of failure an error reply reports, in its `error-kind` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FailureKind {
+#[non_exhaustive]
+pub enum FailureKind {
+    /// `bad-request`: the input is wrong and always will be; don't retry it.
     BadRequest,
+    /// `handler-failed`: the handler returned an error or panicked.
     HandlerFailed,
+    /// `overloaded`: refused for capacity; retry later.
+    Overloaded,
+    /// `deadline-exceeded`: the request's deadline passed before it could be answered.
+    DeadlineExceeded,
+}
+
+impl FailureKind {
+    /// The kind's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::BadRequest => "bad-request",
+            FailureKind::HandlerFailed => "handler-failed",
+            FailureKind::Overloaded => "overloaded",
+            FailureKind::DeadlineExceeded => "deadline-exceeded",
+        }
+    }
+
+    /// The kind a wire name stands for; `None` for a name this version does not know.
+    pub fn from_wire(name: &str) -> Option<FailureKind> {
+        [
+            FailureKind::BadRequest,
+            FailureKind::HandlerFailed,
+            FailureKind::Overloaded,
+            FailureKind::DeadlineExceeded,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl HandlerError {
     /// The request is wrong and always will be: a malformed body, a value out of range.
     pub fn bad_request(message: impl Into<String>) -> HandlerError {
-        HandlerError {
-            kind: FailureKind::BadRequest,
-            message: message.into(),
-        }
+        HandlerError::new(FailureKind::BadRequest, message)
     }
 
     /// The handler failed to answer a request that may be fine.
     pub fn failed(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(FailureKind::HandlerFailed, message)
+    }
+
+    /// The handler refuses the request for capacity; the caller may retry later.
+    pub fn overloaded(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(FailureKind::Overloaded, message)
+    }
+
+    /// The request's deadline ([`Request::deadline`]) passed before the handler could answer.
+    pub fn deadline_exceeded(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(FailureKind::DeadlineExceeded, message)
+    }
+
+    /// An error of `kind` with `message`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> HandlerError {
         HandlerError {
-            kind: FailureKind::HandlerFailed,
+            kind,
             message: message.into(),
         }
     }
@@ -354,7 +423,8 @@ impl HandlerError {
         self.kind == FailureKind::BadRequest
     }
 
-    pub(crate) fn kind(&self) -> FailureKind {
+    /// The kind of failure.
+    pub fn kind(&self) -> FailureKind {
         self.kind
     }
 }

@@ -19,7 +19,7 @@
 //! [`Server::shutdown`] (or a [`ShutdownHandle`]) stops taking requests, lets the in-flight ones
 //! finish, reply and ack, and closes the connection.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -78,6 +78,10 @@ where
 pub struct ServerOptions {
     /// The longest wait between two reconnection attempts. Default: 30 s.
     pub max_reconnect_delay: Duration,
+    /// How long [`Server::shutdown`] (and dropping a server) lets the requests in flight
+    /// finish; the ones still running then go back to the queue, for another server.
+    /// Default: 30 s.
+    pub drain_timeout: Duration,
     /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
@@ -86,6 +90,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_reconnect_delay: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
             connect: ConnectOptions::default(),
         }
     }
@@ -113,7 +118,13 @@ pub struct QueueOptions {
     pub dead_letter_exchange: Option<String>,
     /// The routing key for dead-lettered requests; `None` keeps their own. Default: `None`.
     pub dead_letter_routing_key: Option<String>,
+    /// The largest request body served, in bytes; a larger one is answered with a
+    /// `bad-request` error reply before the handler sees it. Default: 1 MiB.
+    pub max_body: usize,
 }
+
+/// The default [`QueueOptions::max_body`]: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
 impl Default for QueueOptions {
     fn default() -> Self {
@@ -124,6 +135,7 @@ impl Default for QueueOptions {
             delivery_limit: Some(5),
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
+            max_body: DEFAULT_MAX_BODY,
         }
     }
 }
@@ -190,6 +202,11 @@ struct Service {
     queue: String,
     options: QueueOptions,
     handler: Arc<dyn Handler>,
+    /// Requests whose reply the broker refused (closing the worker's channel), by
+    /// [`reply_key`], with the broker's reason. When such a request comes back (it was never
+    /// acked), it is answered with an error reply instead of running it again, so that it
+    /// cannot loop.
+    refused_replies: Mutex<HashMap<String, String>>,
 }
 
 /// Collects the queues of a [`Server`] before starting it; made by [`Server::builder`].
@@ -233,6 +250,7 @@ impl ServerBuilder {
             queue: queue.into(),
             options,
             handler: Arc::new(handler),
+            refused_replies: Mutex::default(),
         });
         self
     }
@@ -256,7 +274,7 @@ impl ServerBuilder {
         };
         let (started_sender, started) = bounded(1);
         let supervisor = Supervisor {
-            brokers: Brokers::parse(&self.urls)?,
+            brokers: Arc::new(Brokers::parse(&self.urls)?),
             options: self.options,
             services: self.services.into_iter().map(Arc::new).collect(),
             stop,
@@ -264,7 +282,7 @@ impl ServerBuilder {
         let supervisor = thread::Builder::new()
             .name("rpc-supervisor".into())
             .spawn(move || supervisor.run(started_sender))
-            .map_err(|e| Error::Config(format!("cannot start the supervisor thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the supervisor thread: {e}")))?;
         match started.recv() {
             Ok(Ok(())) => Ok(Server {
                 shutdown,
@@ -276,7 +294,7 @@ impl ServerBuilder {
             }
             Err(_) => Err(supervisor_outcome(supervisor)
                 .err()
-                .unwrap_or_else(|| Error::Config("the server stopped before it started".into()))),
+                .unwrap_or_else(|| Error::Internal("the server stopped before it started".into()))),
         }
     }
 }
@@ -376,12 +394,12 @@ impl Drop for Server {
 fn supervisor_outcome(supervisor: JoinHandle<Result<()>>) -> Result<()> {
     supervisor
         .join()
-        .unwrap_or_else(|_| Err(Error::Config("the server's supervisor panicked".into())))
+        .unwrap_or_else(|_| Err(Error::Internal("the server's supervisor panicked".into())))
 }
 
 /// Owns the connection: (re)connects, starts workers, watches them, and shuts down.
 struct Supervisor {
-    brokers: Brokers,
+    brokers: Arc<Brokers>,
     options: ServerOptions,
     services: Vec<Arc<Service>>,
     stop: Receiver<Stop>,
@@ -434,59 +452,58 @@ impl Supervisor {
         }
     }
 
+    /// Connects, on a thread of its own so that a shutdown is honoured while connecting;
+    /// `None` when shutdown was asked for first (the attempt is left to finish, and its
+    /// connection, if any, is closed when dropped).
+    fn connect(&self) -> Result<Option<Connection>> {
+        let (sender, result) = bounded(1);
+        let (brokers, options) = (Arc::clone(&self.brokers), self.options.connect.clone());
+        thread::Builder::new()
+            .name("rpc-connect".into())
+            .spawn(move || {
+                let _ = sender.send(brokers.connect(&options));
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the connecting thread: {e}")))?;
+        select! {
+            recv(result) -> connected => match connected {
+                Ok(connection) => connection.map(Some),
+                Err(_) => Err(Error::Internal("the connecting thread panicked".into())),
+            },
+            recv(self.stop) -> _ => Ok(None),
+        }
+    }
+
     /// Connects, serves until shutdown or a failure, and closes the connection.
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
-        let mut connection = self.brokers.connect(&self.options.connect)?;
+        let Some(mut connection) = self.connect()? else {
+            return Ok(SessionEnd::Stopped);
+        };
         for service in &self.services {
             declare_queue(&mut connection, service)?;
         }
-        let mut channels = Vec::new();
+        let mut pool = Pool::new(self.stop.clone());
         for service in &self.services {
             for _ in 0..service.options.workers {
-                channels.push((Arc::clone(service), connection.open_channel(None)?));
-            }
-        }
-        let total = channels.len();
-        let (ready_sender, ready) = bounded(total);
-        let (ended_sender, ended) = unbounded();
-        let mut workers = Vec::with_capacity(total);
-        for (index, (service, channel)) in channels.into_iter().enumerate() {
-            let worker = Worker {
-                channel,
-                service,
-                stop: self.stop.clone(),
-            };
-            let ready_sender = ready_sender.clone();
-            let ended_sender = ended_sender.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("rpc-worker-{index}"))
-                .spawn(move || {
-                    let _ = ended_sender.send(worker.run(ready_sender));
-                });
-            match spawned {
-                Ok(handle) => workers.push(handle),
-                Err(e) => {
+                let channel = connection.open_channel(None)?;
+                if let Err(error) = pool.spawn(Arc::clone(service), channel) {
                     let _ = connection.close();
-                    join_all(workers);
-                    return Err(Error::Config(format!("cannot start a worker thread: {e}")));
+                    pool.join();
+                    return Err(error);
                 }
             }
         }
-        drop(ended_sender);
+        let total = pool.running;
 
         // A worker that ends with Ok saw the stop signal; one that ends with Err failed.
         let mut failure = None;
         let mut ready_workers = 0;
-        while ready_workers < total {
+        while ready_workers < total && failure.is_none() {
             select! {
-                recv(ready) -> _ => ready_workers += 1,
-                recv(ended) -> outcome => {
-                    failure = outcome.ok().and_then(Result::err);
-                    break;
-                }
+                recv(pool.ready) -> _ => ready_workers += 1,
+                recv(pool.ended) -> ended => failure = Some(pool.failure(ended)),
             }
         }
-        if failure.is_none() && ready_workers == total {
+        if failure.is_none() {
             for service in &self.services {
                 info!(
                     "serving queue '{}' with {} workers",
@@ -496,36 +513,179 @@ impl Supervisor {
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
-            select! {
-                recv(ended) -> outcome => failure = outcome.ok().and_then(Result::err),
-                recv(self.stop) -> _ => {}
-            }
+            failure = self.watch(&mut connection, &mut pool);
         }
 
         match failure {
             None => {
-                // Shutdown: each worker finishes its request, acks, cancels and returns. One
-                // that fails now leaves its request unacked, for the broker to redeliver.
-                for outcome in ended.iter() {
-                    if let Err(error) = outcome {
-                        warn!("a worker failed while stopping: {}", error.chain());
-                    }
-                }
-                join_all(workers);
-                if let Err(error) = connection.close() {
-                    warn!("closing the connection failed: {error}");
-                }
+                self.drain(connection, pool);
                 Ok(SessionEnd::Stopped)
             }
             Some(error) => {
                 // Closing the connection ends the other workers; their unacked requests go back
                 // to the queue.
                 let _ = connection.close();
-                join_all(workers);
+                pool.join();
                 if is_stopped(&self.stop) {
                     return Ok(SessionEnd::Stopped);
                 }
                 Ok(SessionEnd::Lost(error))
+            }
+        }
+    }
+
+    /// Watches the workers until shutdown (`None`) or a failure of the connection (`Some`). A
+    /// worker whose channel alone failed (the broker refused something on it) is replaced on
+    /// a fresh channel, and the others serve on.
+    fn watch(&self, connection: &mut Connection, pool: &mut Pool) -> Option<Error> {
+        loop {
+            select! {
+                recv(pool.ended) -> ended => {
+                    let Ok((service, outcome)) = ended else {
+                        return Some(Error::Internal("every worker is gone".into()));
+                    };
+                    pool.running -= 1;
+                    let error = match outcome {
+                        Err(error) if error.is_refused() => error,
+                        Err(error) => return Some(error),
+                        // Only the stop signal ends a worker well; it is seen below.
+                        Ok(()) => continue,
+                    };
+                    warn!(
+                        "a worker of queue '{}' lost its channel ({}); starting another",
+                        service.queue,
+                        error.chain()
+                    );
+                    let replaced = connection
+                        .open_channel(None)
+                        .map_err(Error::from)
+                        .and_then(|channel| pool.spawn(service, channel));
+                    if let Err(error) = replaced {
+                        return Some(error);
+                    }
+                }
+                recv(self.stop) -> _ => return None,
+            }
+        }
+    }
+
+    /// Shutdown: each worker finishes its request, replies, acks, cancels and returns, within
+    /// [`ServerOptions::drain_timeout`]. Requests still running then stay unacked: closing the
+    /// connection sends them back to the queue, for another server.
+    fn drain(&self, connection: Connection, mut pool: Pool) {
+        let give_up = deadline_after(Instant::now(), self.options.drain_timeout);
+        while pool.running > 0 {
+            match pool.ended.recv_deadline(give_up) {
+                Ok((_, outcome)) => {
+                    pool.running -= 1;
+                    if let Err(error) = outcome {
+                        warn!("a worker failed while stopping: {}", error.chain());
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if pool.running > 0 {
+            warn!(
+                "{} requests still running after the drain timeout of {:.1} s: closing the \
+                 connection sends them back to the queue",
+                pool.running,
+                self.options.drain_timeout.as_secs_f64()
+            );
+        }
+        let finished = pool.running == 0;
+        if let Err(error) = connection.close() {
+            warn!("closing the connection failed: {error}");
+        }
+        if finished {
+            pool.join();
+        }
+        // Otherwise the handlers still running are left to end on their own: their replies
+        // and acks fail on the closed connection.
+    }
+}
+
+/// The instant `timeout` after `start`, or a century later for timeouts too long to represent.
+fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(CENTURY))
+        .unwrap_or(start)
+}
+
+/// The worker threads of one connection.
+struct Pool {
+    stop: Receiver<Stop>,
+    ready_sender: Sender<()>,
+    /// One message per worker that has started consuming.
+    ready: Receiver<()>,
+    ended_sender: Sender<(Arc<Service>, Result<()>)>,
+    /// One message per worker that has ended, with how.
+    ended: Receiver<(Arc<Service>, Result<()>)>,
+    handles: Vec<JoinHandle<()>>,
+    /// Workers started and not yet seen to end.
+    running: usize,
+}
+
+impl Pool {
+    fn new(stop: Receiver<Stop>) -> Pool {
+        let (ready_sender, ready) = unbounded();
+        let (ended_sender, ended) = unbounded();
+        Pool {
+            stop,
+            ready_sender,
+            ready,
+            ended_sender,
+            ended,
+            handles: Vec::new(),
+            running: 0,
+        }
+    }
+
+    /// Starts a worker of `service` on `channel`.
+    fn spawn(&mut self, service: Arc<Service>, channel: Channel) -> Result<()> {
+        let worker = Worker {
+            channel,
+            service: Arc::clone(&service),
+            stop: self.stop.clone(),
+        };
+        let (ready, ended) = (self.ready_sender.clone(), self.ended_sender.clone());
+        let handle = thread::Builder::new()
+            .name(format!("rpc-worker-{}", self.handles.len()))
+            .spawn(move || {
+                // A panic outside the handler (which has its own guard) still reports an end.
+                let outcome =
+                    catch_unwind(AssertUnwindSafe(|| worker.run(ready))).unwrap_or_else(|panic| {
+                        Err(Error::Internal(format!(
+                            "a worker panicked: {}",
+                            panic_message(&*panic)
+                        )))
+                    });
+                let _ = ended.send((service, outcome));
+            })
+            .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
+        self.handles.push(handle);
+        self.running += 1;
+        Ok(())
+    }
+
+    /// The error a worker that ended before serving reports.
+    fn failure(
+        &mut self,
+        ended: std::result::Result<(Arc<Service>, Result<()>), crossbeam_channel::RecvError>,
+    ) -> Error {
+        self.running -= 1;
+        match ended {
+            Ok((_, Err(error))) => error,
+            Ok((_, Ok(()))) | Err(_) => Error::Internal("a worker stopped before serving".into()),
+        }
+    }
+
+    fn join(self) {
+        for handle in self.handles {
+            if handle.join().is_err() {
+                warn!("a worker thread panicked outside its handler");
             }
         }
     }
@@ -537,14 +697,6 @@ fn is_stopped(stop: &Receiver<Stop>) -> bool {
         stop.try_recv(),
         Err(crossbeam_channel::TryRecvError::Disconnected)
     )
-}
-
-fn join_all(workers: Vec<JoinHandle<()>>) {
-    for worker in workers {
-        if worker.join().is_err() {
-            warn!("a worker thread panicked outside its handler");
-        }
-    }
 }
 
 /// Declares a service's queue, on a channel of its own.
@@ -616,23 +768,27 @@ impl Worker {
             .basic_consume(queue, ConsumerOptions::default())?;
         let deliveries = consumer.receiver().clone();
         let _ = ready.send(());
+        // The last request answered: when the broker then closes the channel, it refused that
+        // reply (publishing returns before the broker has seen the message).
+        let mut last_answered = None;
         let failure = loop {
             select! {
                 recv(deliveries) -> message => match message {
-                    Ok(ConsumerMessage::Delivery(delivery)) => {
-                        if let Err(error) = self.serve(delivery) {
-                            break Some(error);
-                        }
-                    }
+                    Ok(ConsumerMessage::Delivery(delivery)) => match self.serve(delivery) {
+                        Ok(key) => last_answered = key,
+                        Err(error) => break Some(error),
+                    },
                     Ok(ConsumerMessage::ServerCancelled) => {
-                        break Some(Error::lost(amiquip::Error::ServerClosedChannel {
-                            channel_id: self.channel.channel_id(),
-                            code: 0,
-                            message: format!("the broker cancelled the consumer of '{queue}' (queue deleted?)"),
-                        }));
+                        break Some(Error::ConsumerCancelled { queue: queue.to_string() });
                     }
-                    Ok(ConsumerMessage::ServerClosedChannel(error)
-                        | ConsumerMessage::ServerClosedConnection(error)) => {
+                    Ok(ConsumerMessage::ServerClosedChannel(error)) => {
+                        let error = Error::from_amqp(error);
+                        if let (Error::Refused { text, .. }, Some(key)) = (&error, last_answered.take()) {
+                            lock(&self.service.refused_replies).insert(key, text.clone());
+                        }
+                        break Some(error);
+                    }
+                    Ok(ConsumerMessage::ServerClosedConnection(error)) => {
                         break Some(Error::from_amqp(error));
                     }
                     Ok(_) | Err(_) => {
@@ -660,8 +816,8 @@ impl Worker {
         }
     }
 
-    /// Answers one request, then acks it.
-    fn serve(&self, mut delivery: Delivery) -> Result<()> {
+    /// Answers one request, then acks it; returns its [`reply_key`] when a reply was sent.
+    fn serve(&self, mut delivery: Delivery) -> Result<Option<String>> {
         // The body and properties move into the request; the rest of the delivery is kept for
         // the ack.
         let request = wire::request_from(
@@ -670,21 +826,34 @@ impl Worker {
             delivery.redelivered,
             &self.service.queue,
         );
+        let queue = &self.service.queue;
         let Some(reply_to) = request.reply_to() else {
             warn!(
                 "dropping a request without reply_to (correlation id {:?}): nobody to answer",
                 request.correlation_id()
             );
             delivery.ack(&self.channel)?;
-            return Ok(());
+            return Ok(None);
         };
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.service.handler.handle(&request)))
-            .unwrap_or_else(|panic| {
-                Err(HandlerError::failed(format!(
-                    "the handler panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
+        if request.is_past_deadline() {
+            debug!(
+                "skipping request {:?} on '{queue}': its deadline has passed, nobody waits",
+                request.correlation_id()
+            );
+            delivery.ack(&self.channel)?;
+            return Ok(None);
+        }
+        let key = reply_key(&request);
+        let refused_before = request
+            .is_redelivered()
+            .then(|| lock(&self.service.refused_replies).remove(&key))
+            .flatten();
+        let outcome = match refused_before {
+            Some(reason) => Err(HandlerError::failed(format!(
+                "the broker refused the reply to this request: {reason}"
+            ))),
+            None => self.answer(&request),
+        };
         let correlation_id = request.correlation_id();
         let (body, properties) = match outcome {
             Ok(reply) => {
@@ -692,15 +861,12 @@ impl Worker {
                 (reply.into_body(), properties)
             }
             Err(error) => {
-                warn!(
-                    "answering request {correlation_id:?} on '{}' with an error: {error}",
-                    self.service.queue
-                );
+                warn!("answering request {correlation_id:?} on '{queue}' with an error: {error}");
                 let properties = wire::error_properties(&error, correlation_id);
                 (error.message().as_bytes().to_vec(), properties)
             }
         };
-        self.channel.basic_publish(
+        let published = self.channel.basic_publish(
             "",
             Publish {
                 body: &body,
@@ -709,11 +875,50 @@ impl Worker {
                 immediate: false,
                 properties,
             },
-        )?;
+        );
+        // A publish only hands the reply to amiquip: the broker's refusal (a reply too large for
+        // it, say) comes later, as the channel closing; see `run`.
+        published.and_then(|()| delivery.ack(&self.channel))?;
         trace!("replied to {correlation_id:?}");
-        delivery.ack(&self.channel)?;
-        Ok(())
+        Ok(Some(key))
     }
+
+    /// The handler's answer, unless the body is over the queue's limit; a panic becomes a
+    /// handler failure.
+    fn answer(&self, request: &Request) -> std::result::Result<Reply, HandlerError> {
+        let limit = self.service.options.max_body;
+        if request.body().len() > limit {
+            return Err(HandlerError::bad_request(format!(
+                "the request body of {} bytes is over this server's limit of {limit} bytes",
+                request.body().len()
+            )));
+        }
+        catch_unwind(AssertUnwindSafe(|| self.service.handler.handle(request))).unwrap_or_else(
+            |panic| {
+                Err(HandlerError::failed(format!(
+                    "the handler panicked: {}",
+                    panic_message(&*panic)
+                )))
+            },
+        )
+    }
+}
+
+/// What identifies a request across redeliveries, for [`Service::refused_replies`]: where its
+/// reply goes, and its correlation id.
+fn reply_key(request: &Request) -> String {
+    format!(
+        "{}\n{}",
+        request.reply_to().unwrap_or_default(),
+        request.correlation_id().unwrap_or_default()
+    )
+}
+
+/// Locks `mutex`; a panic elsewhere while it was held leaves the map whole.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The text of a panic's payload, when it has one.

@@ -33,6 +33,7 @@
 //! connection, which ends the consumer with it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,7 @@ use uuid::Uuid;
 
 use crate::client::{ClientOptions, ReplyRoute};
 use crate::connect::Brokers;
-use crate::error::{Error, Result};
+use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::wire::{self, DIRECT_REPLY_TO};
 
@@ -145,10 +146,15 @@ struct Waiter {
     index: usize,
 }
 
+/// How many timed-out calls a session remembers, to tell their late replies from strays.
+const REMEMBERED_TIMEOUTS: usize = 10_000;
+
 /// The calls awaiting replies, by correlation id, and whether the session still works.
 #[derive(Default)]
 struct Awaited {
     calls: HashMap<String, Waiter>,
+    /// The correlation ids of the latest calls that timed out, oldest first.
+    timed_out: VecDeque<String>,
     /// True while some caller holds the reader role.
     reading: bool,
     /// Why the session broke, once it has.
@@ -173,6 +179,8 @@ impl Awaited {
 #[derive(Default)]
 struct Shared {
     awaited: Mutex<Awaited>,
+    /// Replies that arrived after their call had timed out.
+    late_replies: AtomicU64,
 }
 
 impl Shared {
@@ -201,12 +209,27 @@ impl Shared {
                         outcome,
                     });
                 }
-                None => {
-                    debug!(
-                        "dropping a reply that no call awaits (late, duplicate or stray): {id:?}"
-                    )
-                }
+                None => self.unawaited(&id),
             }
+        }
+    }
+
+    /// Drops a reply that no call awaits: counts and logs it as late when its call timed out,
+    /// and as a duplicate or a stray otherwise.
+    fn unawaited(&self, id: &str) {
+        let late = {
+            let mut awaited = self.awaited();
+            let position = awaited
+                .timed_out
+                .iter()
+                .position(|timed_out| timed_out == id);
+            position.and_then(|position| awaited.timed_out.remove(position))
+        };
+        if late.is_some() {
+            self.late_replies.fetch_add(1, Ordering::Relaxed);
+            debug!("dropping a late reply: call {id} had timed out");
+        } else {
+            debug!("dropping a reply that no call awaits (a duplicate or a stray): {id:?}");
         }
     }
 
@@ -237,12 +260,25 @@ pub(crate) struct Session {
     /// The server queue, as the routing key of requests.
     queue: String,
     shared: Shared,
+    /// For asking the broker about the server queue.
+    probe: Mutex<Probe>,
+}
+
+/// A channel for passive declares of the server queue, and the last answer.
+#[derive(Default)]
+struct Probe {
+    channel: Option<Channel>,
+    last: Option<(Instant, QueueState)>,
 }
 
 impl Session {
-    /// Connects and sets up the reply consumer.
-    pub(crate) fn open(brokers: &Brokers, options: &ClientOptions) -> Result<Session> {
-        let mut connection = brokers.connect(&options.connect)?;
+    /// Connects, by `deadline` if there is one, and sets up the reply consumer.
+    pub(crate) fn open(
+        brokers: &Brokers,
+        options: &ClientOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Session> {
+        let mut connection = brokers.connect_by(&options.connect, deadline)?;
         let channel = connection.open_channel(None)?;
         let returns = channel.listen_for_returns()?;
         let reply_to = match options.reply_route {
@@ -279,6 +315,7 @@ impl Session {
             reply_to,
             queue: options.queue.clone(),
             shared: Shared::default(),
+            probe: Mutex::default(),
         })
     }
 
@@ -336,9 +373,8 @@ impl Session {
         Ok((ids, role))
     }
 
-    fn publish(&self, call: &Call, correlation_id: &str, timeout: Duration) -> Result<()> {
-        let properties =
-            wire::request_properties(call, &self.reply_to, correlation_id, timeout.as_millis());
+    fn publish(&self, call: &Call, correlation_id: &str, left: Duration) -> Result<()> {
+        let properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
         let publish = Publish {
             body: &call.body,
             routing_key: self.queue.clone(),
@@ -356,10 +392,70 @@ impl Session {
 
     /// Stops awaiting the calls with these correlation ids (they timed out): a reply that
     /// comes for one later is dropped as late.
-    pub(crate) fn forget(&self, ids: impl IntoIterator<Item = impl AsRef<str>>) {
+    pub(crate) fn forget(&self, ids: Vec<String>) {
         let mut awaited = self.shared.awaited();
         for id in ids {
-            awaited.calls.remove(id.as_ref());
+            awaited.calls.remove(&id);
+            if awaited.timed_out.len() == REMEMBERED_TIMEOUTS {
+                awaited.timed_out.pop_front();
+            }
+            awaited.timed_out.push_back(id);
+        }
+    }
+
+    /// Replies that arrived after their call had timed out, so far.
+    pub(crate) fn late_replies(&self) -> u64 {
+        self.shared.late_replies.load(Ordering::Relaxed)
+    }
+
+    /// What the broker says of the server queue now: its consumers and waiting requests.
+    /// Asked at most once a second per session (a passive declare on a channel of its own,
+    /// since a passive declare of a missing queue closes its channel); `None` when the broker
+    /// cannot say.
+    pub(crate) fn queue_state(&self) -> Option<QueueState> {
+        const FRESH: Duration = Duration::from_secs(1);
+        let mut probe = self
+            .probe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((asked, state)) = probe.last
+            && asked.elapsed() < FRESH
+        {
+            return Some(state);
+        }
+        if probe.channel.is_none() {
+            let mut connection = self
+                .connection
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            probe.channel = connection.as_mut()?.open_channel(None).ok();
+        }
+        let answer = probe
+            .channel
+            .as_ref()?
+            .queue_declare_passive(self.queue.as_str())
+            .map(|queue| {
+                Some(QueueState {
+                    consumers: queue.declared_consumer_count()?,
+                    waiting: queue.declared_message_count()?,
+                })
+            });
+        match answer {
+            Ok(Some(state)) => {
+                trace!("queue '{}': {state:?}", self.queue);
+                probe.last = Some((Instant::now(), state));
+                Some(state)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                debug!(
+                    "cannot ask the broker about queue '{}': {error}",
+                    self.queue
+                );
+                // The channel is closed after a failed passive declare: open another next time.
+                probe.channel = None;
+                None
+            }
         }
     }
 
@@ -448,6 +544,14 @@ impl Session {
     /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the
     /// close.
     pub(crate) fn close(&self) -> Result<()> {
+        // Closed while the connection still lives.
+        drop(
+            self.probe
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .channel
+                .take(),
+        );
         let connection = self
             .connection
             .lock()
@@ -478,7 +582,9 @@ fn reply_outcome(delivery: Delivery) -> (String, Result<Reply>) {
         .clone()
         .unwrap_or_default();
     trace!("reply to {id} arrived");
-    (id, wire::reply_from(delivery).map_err(Error::Remote))
+    let outcome =
+        wire::reply_from(delivery).map_err(|(kind, message)| Error::Remote { kind, message });
+    (id, outcome)
 }
 
 /// A request the broker could not route: no queue by that name.

@@ -6,10 +6,13 @@
 //!
 //! - an error reply carries its message in the [`ERROR_HEADER`] header (a string, also sent as
 //!   the body) and its kind in the [`ERROR_KIND_HEADER`] header;
-//! - requests carry the call's timeout as `expiration`, and may carry headers, content type and
-//!   encoding, `type` and `message_id`; replies may carry headers and a content type.
+//! - requests carry the call's timeout as `expiration` and its absolute deadline in the
+//!   [`DEADLINE_HEADER`] header, and may carry headers, content type and encoding, `type` and
+//!   `message_id`; replies may carry headers and a content type.
 //!
 //! Client and server both use this module; neither imports the other.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, AmqpValue, Delivery, FieldTable};
 
@@ -22,9 +25,16 @@ pub const DEFAULT_QUEUE: &str = "rpc_queue";
 /// The reply header in which a server puts an error message instead of a result.
 pub const ERROR_HEADER: &str = "error";
 
-/// The reply header that says what kind of error an error reply is: `bad-request` or
-/// `handler-failed`.
+/// The reply header that says what kind of error an error reply is: `bad-request`,
+/// `handler-failed`, `overloaded` or `deadline-exceeded` (see [`FailureKind`]).
 pub const ERROR_KIND_HEADER: &str = "error-kind";
+
+/// The request header that carries the call's absolute deadline: Unix time in milliseconds, a
+/// 64-bit integer. A server does not run the handler for a request whose deadline has passed.
+pub const DEADLINE_HEADER: &str = "deadline";
+
+/// The largest `expiration` RabbitMQ accepts, in milliseconds.
+const MAX_EXPIRATION_MS: u128 = u32::MAX as u128;
 
 /// The content type of JSON bodies.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -88,22 +98,29 @@ fn header_value(value: &AmqpValue) -> HeaderValue {
     }
 }
 
-/// The properties of a request: the call's own, plus where and how to answer it.
-/// `expiration_ms` is the call's timeout, after which the broker drops the request unserved.
+/// The properties of a request: the call's own, plus where and how to answer it. `left` is
+/// the time the call has left: the broker drops the request unserved after it (`expiration`),
+/// and the server skips it once its deadline, now plus `left`, has passed.
 pub(crate) fn request_properties(
     call: &Call,
     reply_to: &str,
     correlation_id: &str,
-    expiration_ms: u128,
+    left: Duration,
 ) -> AmqpProperties {
+    // "0" would expire the request at once; RabbitMQ counts in whole milliseconds, up to 2^32-1.
+    let expiration_ms = left.as_millis().clamp(1, MAX_EXPIRATION_MS);
     let mut properties = AmqpProperties::default()
         .with_reply_to(reply_to.to_string())
         .with_correlation_id(correlation_id.to_string())
-        // "0" would expire the request at once; RabbitMQ counts in whole milliseconds.
-        .with_expiration(expiration_ms.max(1).to_string());
-    if !call.headers.is_empty() {
-        properties = properties.with_headers(field_table(&call.headers));
+        .with_expiration(expiration_ms.to_string());
+    let mut headers = field_table(&call.headers);
+    if let Some(deadline) = SystemTime::now().checked_add(left).and_then(unix_millis) {
+        headers.insert(
+            DEADLINE_HEADER.to_string(),
+            AmqpValue::LongLongInt(deadline),
+        );
     }
+    properties = properties.with_headers(headers);
     if let Some(content_type) = &call.content_type {
         properties = properties.with_content_type(content_type.clone());
     }
@@ -119,6 +136,18 @@ pub(crate) fn request_properties(
     properties
 }
 
+/// Unix time in milliseconds, when it fits in an `i64`.
+fn unix_millis(time: SystemTime) -> Option<i64> {
+    let millis = time.duration_since(UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(millis).ok()
+}
+
+/// The deadline a request's [`DEADLINE_HEADER`] names, if it has a usable one.
+fn deadline_from(headers: &Headers) -> Option<SystemTime> {
+    let millis = u64::try_from(headers.get(DEADLINE_HEADER)?.as_int()?).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+}
+
 /// The request a handler sees for a delivery from `queue`.
 pub(crate) fn request_from(
     body: Vec<u8>,
@@ -126,13 +155,15 @@ pub(crate) fn request_from(
     redelivered: bool,
     queue: &str,
 ) -> Request {
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(headers_from)
+        .unwrap_or_default();
     Request {
         body,
-        headers: properties
-            .headers()
-            .as_ref()
-            .map(headers_from)
-            .unwrap_or_default(),
+        deadline: deadline_from(&headers),
+        headers,
         content_type: properties.content_type().clone(),
         content_encoding: properties.content_encoding().clone(),
         correlation_id: properties.correlation_id().clone(),
@@ -171,10 +202,7 @@ pub(crate) fn error_properties(
     error: &HandlerError,
     correlation_id: Option<&str>,
 ) -> AmqpProperties {
-    let kind = match error.kind() {
-        FailureKind::BadRequest => "bad-request",
-        FailureKind::HandlerFailed => "handler-failed",
-    };
+    let kind = error.kind().as_str();
     let mut headers = FieldTable::new();
     headers.insert(
         ERROR_HEADER.to_string(),
@@ -191,8 +219,9 @@ pub(crate) fn error_properties(
     properties
 }
 
-/// What a reply delivery means to its caller: the reply, or the server's error message.
-pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, String> {
+/// What a reply delivery means to its caller: the reply, or the server's error, with its kind
+/// when the server says (a peer may set only the `error` header).
+pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, (Option<FailureKind>, String)> {
     let properties = delivery.properties;
     let headers = properties
         .headers()
@@ -200,8 +229,11 @@ pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, String> {
         .map(headers_from)
         .unwrap_or_default();
     if let Some(error) = headers.get(ERROR_HEADER) {
+        let kind = headers
+            .get_str(ERROR_KIND_HEADER)
+            .and_then(FailureKind::from_wire);
         // A peer may send a non-string error header; any rendering beats losing the error.
-        return Err(error.to_string());
+        return Err((kind, error.to_string()));
     }
     Ok(Reply {
         body: delivery.body,
@@ -250,5 +282,24 @@ mod tests {
         let headers = headers_from(&table);
         let ints: Vec<i64> = headers.iter().filter_map(|(_, v)| v.as_int()).collect();
         assert_eq!(ints, [-1, 2, -3, 4, -5, 6]);
+    }
+
+    #[test]
+    fn a_request_carries_its_deadline_and_a_clamped_expiration() {
+        let before = SystemTime::now();
+        let properties = request_properties(&Call::new("x"), "r", "c", Duration::from_secs(2));
+        let request = request_from(Vec::new(), properties.clone(), false, "q");
+        let deadline = request.deadline().expect("a deadline header");
+        assert!(
+            deadline >= before + Duration::from_millis(1990),
+            "{deadline:?}"
+        );
+        assert!(deadline <= SystemTime::now() + Duration::from_secs(2));
+        assert_eq!(properties.expiration().as_deref(), Some("2000"));
+
+        let forever = request_properties(&Call::new("x"), "r", "c", Duration::MAX);
+        assert_eq!(forever.expiration().as_deref(), Some("4294967295"));
+        let zero = request_properties(&Call::new("x"), "r", "c", Duration::ZERO);
+        assert_eq!(zero.expiration().as_deref(), Some("1"));
     }
 }

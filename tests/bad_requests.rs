@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
-use amqp_rpc::{Error, HandlerError, QueueOptions, QueueType, Request, Server, fib};
+use amqp_rpc::{Error, FailureKind, HandlerError, QueueOptions, QueueType, Request, Server, fib};
 use common::{
     QueueGuard, ReplyId, client_for, declare_queue, raw_connection, ready_messages, scripted_peer,
     start_server, unique_queue,
@@ -46,7 +46,8 @@ fn malformed_requests_get_a_one_line_error_reply_and_the_server_goes_on() {
     for body in bad {
         let shown = String::from_utf8_lossy(&body[..body.len().min(20)]).into_owned();
         match client.call(body) {
-            Err(Error::Remote(message)) => {
+            Err(Error::Remote { message, kind }) => {
+                assert_eq!(kind, Some(FailureKind::BadRequest), "{message}");
                 assert!(
                     !message.is_empty() && !message.contains('\n'),
                     "{message:?}"
@@ -99,15 +100,21 @@ fn a_panicking_handler_gets_an_error_reply_and_the_pool_keeps_its_size() {
     for _ in 0..(WORKERS * 3) {
         let error = client.call(b"boom").unwrap_err();
         assert!(
-            matches!(&error, Error::Remote(message) if message.contains("panicked") && message.contains("asked to fail")),
+            matches!(&error, Error::Remote { message, kind: Some(FailureKind::HandlerFailed) } if message.contains("panicked") && message.contains("asked to fail")),
             "{error:?}"
         );
     }
-    // Every worker still serves: as many slow calls run at once as there are workers.
+    // Every worker still serves: as many slow calls run at once as there are workers. The
+    // calls start together, so that they overlap however slowly the threads start.
+    let start = Arc::new(std::sync::Barrier::new(WORKERS));
     let callers: Vec<_> = (0..WORKERS)
         .map(|_| {
-            let queue = queue.clone();
-            thread::spawn(move || client_for(&queue, Duration::from_secs(10)).call(b"slow"))
+            let (queue, start) = (queue.clone(), Arc::clone(&start));
+            thread::spawn(move || {
+                let client = client_for(&queue, Duration::from_secs(10));
+                start.wait();
+                client.call(b"slow")
+            })
         })
         .collect();
     for caller in callers {

@@ -303,10 +303,112 @@ fn amqps_works_with_a_trusted_certificate_and_fails_clearly_without() {
     let stderr = String::from_utf8_lossy(&untrusted.stderr);
     assert!(!untrusted.status.success());
     assert!(
-        stderr.starts_with(
-            "error: invalid configuration: TLS handshake with amqps://guest@localhost:5691 failed"
-        ) && stderr.contains("certificate verify failed"),
+        stderr.starts_with("error: TLS handshake with amqps://guest@localhost:5691 failed")
+            && stderr.contains("certificate verify failed"),
         "{stderr}"
     );
+    server.shutdown().unwrap();
+}
+
+/// The largest message the test cluster's nodes accept (`scripts/cluster` sets it).
+const MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+#[test]
+fn a_request_too_large_for_the_broker_is_refused_not_a_lost_connection_and_not_retried() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-large-request");
+    let _guard = ClusterQueue(queue.clone());
+    let server = classic_server(&url(1), &queue, ServerOptions::default());
+    for retry in [false, true] {
+        let client = amqp_rpc::Client::with_options(
+            &url(1),
+            ClientOptions {
+                queue: queue.clone(),
+                retry,
+                timeout: Duration::from_secs(20),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let error = client.call(&vec![b'1'; MAX_MESSAGE_SIZE + 1]).unwrap_err();
+        assert!(
+            matches!(&error, amqp_rpc::Error::Refused { code: 406, .. }),
+            "retry={retry}: {error:?}"
+        );
+        assert!(!error.is_connection_lost() && !error.is_retryable());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "retry={retry}: refused only after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(client.call(b"10").unwrap(), b"55", "the next call works");
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_reply_too_large_for_the_broker_is_answered_with_an_error_and_never_loops() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let (queue, other) = (
+        unique_queue("cluster-large-reply"),
+        unique_queue("cluster-large-reply-other"),
+    );
+    let _guards = (ClusterQueue(queue.clone()), ClusterQueue(other.clone()));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    // Through a proxy, to count the server's connections.
+    let proxy = common::proxy::FaultProxy::start(&url(1));
+    let server = Server::builder(&proxy.url())
+        .serve(
+            &queue,
+            QueueOptions::with_workers(1),
+            move |request: &Request| {
+                if request.body() == b"huge" {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    return Ok(vec![b'x'; MAX_MESSAGE_SIZE + 1]);
+                }
+                fib::serve(request, 1000)
+            },
+        )
+        .serve(
+            &other,
+            QueueOptions::with_workers(1),
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .unwrap();
+    let client_of = |queue: &str| {
+        amqp_rpc::Client::with_options(
+            &url(1),
+            ClientOptions {
+                queue: queue.to_string(),
+                timeout: Duration::from_secs(20),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (client, other_client) = (client_of(&queue), client_of(&other));
+    let error = client.call(b"huge").unwrap_err();
+    assert_eq!(
+        error.remote_kind(),
+        Some(amqp_rpc::FailureKind::HandlerFailed),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("the broker refused the reply"),
+        "{error}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    // The worker that lost its channel was replaced on the same connection; the other
+    // queue's worker went on serving.
+    for n in 0..10 {
+        assert_eq!(client.fib(n).unwrap(), fib::fib(n));
+        assert_eq!(other_client.fib(n).unwrap(), fib::fib(n));
+    }
+    assert_eq!(proxy.connections(), 1, "the server kept its connection");
     server.shutdown().unwrap();
 }

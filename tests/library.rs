@@ -63,7 +63,7 @@ fn without_a_server_the_call_times_out_close_to_its_timeout() {
     let error = client.call_with_timeout(b"30", timeout).unwrap_err();
     let waited = started.elapsed();
     assert!(
-        matches!(error, Error::Timeout(t) if t == timeout),
+        matches!(&error, Error::Timeout { after, .. } if *after == timeout),
         "{error:?}"
     );
     assert!(error.is_timeout());

@@ -28,6 +28,28 @@ fn json_of(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
+/// Takes the `deadline` header (Unix milliseconds, rendered as text) out of a description's
+/// headers.
+fn take_deadline(seen: &mut Value) -> u128 {
+    let deadline = seen["headers"]
+        .as_object_mut()
+        .and_then(|headers| headers.remove("deadline"))
+        .expect("the request carried a deadline header");
+    deadline.as_str().unwrap().parse().unwrap()
+}
+
+/// Checks that `deadline_ms` (Unix milliseconds) is at most `timeout` from now, and not past.
+fn assert_deadline_soon(deadline_ms: u128, timeout: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert!(
+        deadline_ms > now && deadline_ms <= now + timeout.as_millis(),
+        "deadline {deadline_ms} against now {now}"
+    );
+}
+
 #[test]
 fn a_pika_client_sends_headers_and_properties_and_the_echo_handler_sees_every_one() {
     let python = python_with_pika();
@@ -112,8 +134,9 @@ fn our_client_sends_headers_to_a_pika_server_and_gets_its_reply_headers_back() {
     let reply = client.send(&call).unwrap();
     assert_eq!(reply.content_type(), Some("application/json"));
     assert_eq!(reply.header_str("x-served-by"), Some("pika"));
-    let seen = json_of(std::str::from_utf8(reply.body()).unwrap());
+    let mut seen = json_of(std::str::from_utf8(reply.body()).unwrap());
     assert_eq!(seen["body"], "payload");
+    assert_deadline_soon(take_deadline(&mut seen), Duration::from_secs(10));
     assert_eq!(
         seen["headers"],
         serde_json::json!({"x-tenant": "acme", "x-attempt": "3"})
@@ -146,8 +169,9 @@ fn the_client_binary_calls_any_service_with_a_body_and_headers() {
     );
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
-    let seen = json_of(&stdout);
+    let mut seen = json_of(&stdout);
     assert_eq!(seen["body"], "plain words");
+    assert_deadline_soon(take_deadline(&mut seen), Duration::from_secs(10));
     assert_eq!(
         seen["headers"],
         serde_json::json!({"x-echo-a": "1", "b": "two=2"})
@@ -340,7 +364,8 @@ fn json_calls_round_trip_and_a_malformed_request_leaves_the_worker_serving() {
             .send(&Call::new(malformed).with_content_type("application/json"))
             .unwrap_err();
         match &error {
-            Error::Remote(message) => {
+            Error::Remote { message, kind } => {
+                assert_eq!(*kind, Some(amqp_rpc::FailureKind::BadRequest));
                 assert!(message.contains("not the JSON expected"), "{message}")
             }
             other => panic!("expected an error reply, got {other:?}"),
@@ -421,7 +446,14 @@ fn header_values_of_every_kind_reach_the_handler_as_sent() {
     )
     .unwrap();
     client.send(&call).unwrap();
-    let headers = received.lock().unwrap().take().unwrap();
+    let mut headers = received.lock().unwrap().take().unwrap();
+    // Our client adds the call's deadline to the headers it was given.
+    assert!(
+        headers
+            .remove("deadline")
+            .and_then(|d| d.as_int())
+            .is_some()
+    );
     assert_eq!(&headers, call.headers());
     let rendered: BTreeMap<&str, String> = headers
         .iter()

@@ -120,7 +120,7 @@ fn a_timeout_and_a_remote_error_leave_the_other_threads_calls_unharmed() {
         1 => {
             let error = client.call(b"bad").unwrap_err();
             assert!(
-                matches!(&error, Error::Remote(message) if message == "refused on purpose"),
+                matches!(&error, Error::Remote { message, .. } if message == "refused on purpose"),
                 "{error:?}"
             );
         }

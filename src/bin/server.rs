@@ -51,6 +51,15 @@ struct Args {
     /// AMQP heartbeat in seconds (0 turns it off): a dead broker is noticed after about two.
     #[arg(long, default_value_t = 10)]
     heartbeat: u16,
+
+    /// Largest request body served, in bytes; larger ones get a bad-request error reply.
+    #[arg(long, env = "RPC_MAX_BODY", default_value_t = amqp_rpc::DEFAULT_MAX_BODY)]
+    max_body: usize,
+
+    /// Seconds that SIGTERM/SIGINT lets in-flight requests finish; those still running then go
+    /// back to the queue.
+    #[arg(long, env = "RPC_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = common::parse_seconds)]
+    drain_timeout: f64,
 }
 
 /// `--queue-type` values.
@@ -75,8 +84,12 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         delivery_limit: (args.delivery_limit > 0).then_some(args.delivery_limit),
         dead_letter_exchange: args.dead_letter_exchange,
         dead_letter_routing_key: args.dead_letter_routing_key,
+        max_body: args.max_body,
     };
-    let mut options = ServerOptions::default();
+    let mut options = ServerOptions {
+        drain_timeout: common::seconds(args.drain_timeout),
+        ..ServerOptions::default()
+    };
     options.connect.heartbeat = args.heartbeat;
     // Installed first, so that a signal during start-up is not lost: it stops the server as
     // soon as it has started.

@@ -286,6 +286,23 @@ pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
     reply
 }
 
+/// Publishes a request to `queue` whose reply nobody will read, without a deadline, as a
+/// tutorial peer that does not wait would.
+pub fn publish_request(queue: &str, body: &[u8]) {
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    let properties = AmqpProperties::default()
+        .with_reply_to(format!("nobody-{}", uuid::Uuid::new_v4()))
+        .with_correlation_id("unread".to_string());
+    channel
+        .basic_publish(
+            "",
+            Publish::with_properties(body, queue.to_string(), properties),
+        )
+        .unwrap();
+    connection.close().unwrap();
+}
+
 /// Which correlation id a scripted reply carries.
 pub enum ReplyId {
     /// The request's own.

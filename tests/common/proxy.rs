@@ -93,6 +93,13 @@ impl FaultProxy {
         self.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// Stops accepting: new connections to the proxy's port are refused from now on.
+    pub fn refuse_new(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag, and drops the listener.
+        let _ = TcpStream::connect(self.address);
+    }
+
     /// Forwards bytes again after [`FaultProxy::freeze`].
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
@@ -116,9 +123,7 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        // Wake the accept loop so that it sees the flag.
-        let _ = TcpStream::connect(self.address);
+        self.refuse_new();
         self.cut_all();
     }
 }

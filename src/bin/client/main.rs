@@ -22,8 +22,13 @@ struct Args {
     broker: common::BrokerArgs,
 
     /// Seconds to wait for a reply before giving up.
-    #[arg(long, env = "RPC_TIMEOUT", default_value_t = 10.0, value_parser = parse_seconds)]
+    #[arg(long, env = "RPC_TIMEOUT", default_value_t = 10.0, value_parser = common::parse_seconds)]
     timeout: f64,
+
+    /// Seconds after which a call still unanswered asks the broker whether any server consumes
+    /// the queue, and fails at once if none does; 0 turns the check off.
+    #[arg(long, env = "RPC_NO_SERVER_GRACE", default_value_t = 1.0, value_parser = parse_grace)]
+    no_server_grace: f64,
 
     /// Have replies sent through RabbitMQ's direct reply-to (amq.rabbitmq.reply-to) instead of
     /// an exclusive reply queue.
@@ -83,10 +88,10 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_seconds(text: &str) -> Result<f64, String> {
+fn parse_grace(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
-        _ => Err(format!("'{text}' is not a positive number of seconds")),
+        Ok(0.0) => Ok(0.0),
+        _ => common::parse_seconds(text),
     }
 }
 
@@ -97,7 +102,8 @@ fn main() -> ExitCode {
 fn run(args: Args) -> amqp_rpc::Result<()> {
     let options = ClientOptions {
         queue: args.broker.queue.clone(),
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout: common::seconds(args.timeout),
+        no_server_grace: common::seconds(args.no_server_grace),
         retry: args.retry,
         reply_route: if args.direct_reply_to {
             ReplyRoute::DirectReplyTo

@@ -1,6 +1,7 @@
 //! What both binaries do around their work: set up logging, report errors, pick an exit code.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// The flags that say where the server queue is, shared by both binaries.
 #[derive(clap::Args, Debug)]
@@ -26,6 +27,20 @@ impl BrokerArgs {
     pub fn url_list(&self) -> String {
         self.urls.join(",")
     }
+}
+
+/// Parses a positive number of seconds (`0.5`, `30`, `1e20`).
+pub fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
+        _ => Err(format!("'{text}' is not a positive number of seconds")),
+    }
+}
+
+/// A number of seconds from [`parse_seconds`] as a duration; more than a `Duration` holds
+/// counts as forever.
+pub fn seconds(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
 }
 
 /// Sets up `env_logger` (`RUST_LOG`, else `default_level`), runs `run`, and reports its error as
