@@ -28,6 +28,7 @@ use crate::connect::{Brokers, ConnectOptions};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, Role, Session};
+use crate::stats::{ClientCounters, ClientStats};
 use crate::wire::DEFAULT_QUEUE;
 
 /// How a [`Client`] connects and calls.
@@ -140,6 +141,8 @@ struct Inner {
     connected: Condvar,
     /// Calls in flight, for [`ClientOptions::max_in_flight`].
     in_flight: AtomicUsize,
+    /// What the calls did, for [`Client::stats`].
+    counters: Arc<ClientCounters>,
 }
 
 /// The current session, and whether a caller is connecting a new one.
@@ -175,7 +178,8 @@ impl Client {
     /// broker cannot be reached, [`Error::Amqp`] when it refuses the reply queue.
     pub fn with_options(url: &str, options: ClientOptions) -> Result<Client> {
         let brokers = Brokers::parse(url)?;
-        let session = Session::open(&brokers, &options, None)?;
+        let counters = Arc::new(ClientCounters::new());
+        let session = Session::open(&brokers, &options, None, &counters)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 brokers,
@@ -186,6 +190,7 @@ impl Client {
                 }),
                 connected: Condvar::new(),
                 in_flight: AtomicUsize::new(0),
+                counters,
             }),
         })
     }
@@ -195,13 +200,11 @@ impl Client {
         &self.inner.options
     }
 
-    /// Replies that arrived after their call had timed out, on the current connection. Each is
-    /// dropped and logged once at debug.
-    pub fn late_replies(&self) -> u64 {
-        self.lock_slot()
-            .session
-            .as_ref()
-            .map_or(0, |session| session.late_replies())
+    /// What this client's calls (all its clones' together) did since it was made: calls,
+    /// replies, errors by kind, late and stray replies, retries, reconnections and latency.
+    /// Counting costs a few atomic operations per call and is always on.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.counters.snapshot()
     }
 
     /// Sends `request` to the server queue and returns the reply body, waiting at most the
@@ -293,6 +296,8 @@ impl Client {
             queue: options.queue.clone(),
             grace_check: (!options.no_server_grace.is_zero())
                 .then(|| deadline_after(started, options.no_server_grace)),
+            started,
+            counters: &self.inner.counters,
         };
         let _admitted = self.admit(&mut batch);
         // What kept the pending calls from an answer so far, when retrying.
@@ -332,13 +337,20 @@ impl Client {
                         .saturating_duration_since(Instant::now())
                         .min(RETRY_PAUSE),
                 );
+            } else {
+                ClientCounters::add(&self.inner.counters.retries, batch.pending.len() as u64);
             }
             last_error = Some(error);
         }
+        let counters = &self.inner.counters;
         batch
             .outcomes
             .into_iter()
-            .map(|outcome| outcome.expect("every call has an outcome"))
+            .map(|outcome| {
+                let outcome = outcome.expect("every call has an outcome");
+                counters.count(&outcome);
+                outcome
+            })
             .collect()
     }
 
@@ -413,8 +425,16 @@ impl Client {
         }
         slot.connecting = true;
         drop(slot);
-        let opened =
-            Session::open(&self.inner.brokers, &self.inner.options, deadline).map(Arc::new);
+        let opened = Session::open(
+            &self.inner.brokers,
+            &self.inner.options,
+            deadline,
+            &self.inner.counters,
+        )
+        .map(Arc::new);
+        if opened.is_ok() {
+            ClientCounters::add(&self.inner.counters.reconnections, 1);
+        }
         let mut slot = self.lock_slot();
         slot.connecting = false;
         if let Ok(session) = &opened {
@@ -495,6 +515,9 @@ struct Batch<'a> {
     /// When to ask the broker whether any server consumes the queue; `None` once asked, or
     /// when the check is off.
     grace_check: Option<Instant>,
+    /// When the calls started, for their latency.
+    started: Instant,
+    counters: &'a ClientCounters,
 }
 
 /// Calls counted in [`Inner::in_flight`] until dropped.
@@ -598,6 +621,9 @@ impl Batch<'_> {
             match event {
                 Some(Event::Answer { index, outcome }) => {
                     if self.outcomes[index].is_none() {
+                        if !matches!(outcome, Err(Error::NoRoute { .. })) {
+                            self.counters.latency.record(self.started.elapsed());
+                        }
                         self.outcomes[index] = Some(outcome);
                         unanswered -= 1;
                     }

@@ -87,6 +87,10 @@
 //! - Connections are opened with `TCP_NODELAY`, without which each call waits about 40 ms on
 //!   Nagle's algorithm. Every URL argument may list several brokers (a cluster's nodes)
 //!   separated by commas: the first that answers is used, and after a loss the next.
+//! - Statistics are always on and cost a few atomic operations per call: [`Client::stats`],
+//!   [`Server::stats`], [`Server::health`], and a Prometheus `/metrics` and `/health` endpoint
+//!   ([`ServerOptions::metrics_addr`]). W3C `traceparent`/`tracestate` headers travel from a
+//!   call to its handler and back on the reply.
 //! - [`fib`]: exact Fibonacci numbers by fast doubling, and the tutorial's handler.
 //! - [`json`]: typed payloads (feature `json`).
 //!
@@ -108,6 +112,7 @@
 mod client;
 mod connect;
 mod consumer;
+mod endpoint;
 mod error;
 pub mod fib;
 mod headers;
@@ -116,6 +121,7 @@ pub mod json;
 mod message;
 mod server;
 mod session;
+mod stats;
 mod wire;
 
 pub use client::{Client, ClientOptions, ReplyRoute};
@@ -127,6 +133,10 @@ pub use server::{
     DEFAULT_MAX_BODY, Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions,
     ShutdownHandle, default_workers,
 };
+pub use stats::{
+    ClientStats, ErrorCounts, Health, KindCounts, Latency, QueueStats, ReplyCounts, ServerStats,
+};
 pub use wire::{
     DEADLINE_HEADER, DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE,
+    TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };

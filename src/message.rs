@@ -161,6 +161,25 @@ impl Request {
         self.deadline
     }
 
+    /// The W3C `traceparent` header, when the caller sent one (OpenTelemetry-instrumented
+    /// peers do); the server copies it onto the reply.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.header_str(crate::wire::TRACEPARENT_HEADER)
+    }
+
+    /// The W3C `tracestate` header, when the caller sent one.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.header_str(crate::wire::TRACESTATE_HEADER)
+    }
+
+    /// The trace id of [`Request::traceparent`] (its second field, 32 hex digits), when the
+    /// header is well formed.
+    pub fn trace_id(&self) -> Option<&str> {
+        let mut fields = self.traceparent()?.split('-');
+        let (_version, id) = (fields.next()?, fields.next()?);
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
+
     /// True when the request has a deadline and it has passed.
     pub fn is_past_deadline(&self) -> bool {
         self.deadline

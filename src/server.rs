@@ -20,10 +20,11 @@
 //! finish, reply and ack, and closes the connection.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use amiquip::{
     AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, FieldTable,
@@ -33,8 +34,10 @@ use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
 use crate::connect::{Brokers, ConnectOptions};
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::message::{HandlerError, Reply, Request};
+use crate::stats::{Health, QueueMetrics, ServerMetrics, ServerStats};
 use crate::wire;
 
 /// Answers requests. An `Err` is sent back to the caller as an error reply.
@@ -82,6 +85,10 @@ pub struct ServerOptions {
     /// finish; the ones still running then go back to the queue, for another server.
     /// Default: 30 s.
     pub drain_timeout: Duration,
+    /// Where to serve `/metrics` (Prometheus text exposition) and `/health` (200 only while
+    /// serving) over HTTP; port 0 picks a free port ([`Server::metrics_addr`] tells which).
+    /// Default: `None`, no endpoint.
+    pub metrics_addr: Option<SocketAddr>,
     /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
@@ -91,6 +98,7 @@ impl Default for ServerOptions {
         ServerOptions {
             max_reconnect_delay: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            metrics_addr: None,
             connect: ConnectOptions::default(),
         }
     }
@@ -207,6 +215,7 @@ struct Service {
     /// acked), it is answered with an error reply instead of running it again, so that it
     /// cannot loop.
     refused_replies: Mutex<HashMap<String, String>>,
+    metrics: QueueMetrics,
 }
 
 /// Collects the queues of a [`Server`] before starting it; made by [`Server::builder`].
@@ -230,6 +239,7 @@ pub struct ServerBuilder {
     urls: String,
     options: ServerOptions,
     services: Vec<Service>,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl ServerBuilder {
@@ -246,8 +256,10 @@ impl ServerBuilder {
         options: QueueOptions,
         handler: impl Handler,
     ) -> ServerBuilder {
+        let queue = queue.into();
         self.services.push(Service {
-            queue: queue.into(),
+            metrics: self.metrics.queue(&queue),
+            queue,
             options,
             handler: Arc::new(handler),
             refused_replies: Mutex::default(),
@@ -268,16 +280,26 @@ impl ServerBuilder {
     /// arguments, for example). Once started, the server reconnects on its own instead.
     pub fn start(self) -> Result<Server> {
         validate(&self.services)?;
+        let brokers = Arc::new(Brokers::parse(&self.urls)?);
         let (stop_sender, stop) = bounded::<Stop>(0);
         let shutdown = ShutdownHandle {
             sender: Arc::new(Mutex::new(Some(stop_sender))),
         };
+        let health = Arc::new(Mutex::new(Health::Connecting));
+        let endpoint = self
+            .options
+            .metrics_addr
+            .map(|address| Endpoint::start(address, Arc::clone(&self.metrics), Arc::clone(&health)))
+            .transpose()?;
+        let services: Vec<Arc<Service>> = self.services.into_iter().map(Arc::new).collect();
         let (started_sender, started) = bounded(1);
         let supervisor = Supervisor {
-            brokers: Arc::new(Brokers::parse(&self.urls)?),
+            brokers,
             options: self.options,
-            services: self.services.into_iter().map(Arc::new).collect(),
+            services: services.clone(),
             stop,
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&health),
         };
         let supervisor = thread::Builder::new()
             .name("rpc-supervisor".into())
@@ -287,6 +309,10 @@ impl ServerBuilder {
             Ok(Ok(())) => Ok(Server {
                 shutdown,
                 supervisor: Some(supervisor),
+                services,
+                metrics: self.metrics,
+                health,
+                endpoint,
             }),
             Ok(Err(error)) => {
                 let _ = supervisor.join();
@@ -327,6 +353,11 @@ fn validate(services: &[Service]) -> Result<()> {
 pub struct Server {
     shutdown: ShutdownHandle,
     supervisor: Option<JoinHandle<Result<()>>>,
+    services: Vec<Arc<Service>>,
+    metrics: Arc<ServerMetrics>,
+    health: Arc<Mutex<Health>>,
+    /// Stopped (dropped) after the supervisor.
+    endpoint: Option<Endpoint>,
 }
 
 impl Server {
@@ -348,7 +379,39 @@ impl Server {
             urls: url.to_string(),
             options: ServerOptions::default(),
             services: Vec::new(),
+            metrics: Arc::new(ServerMetrics::new()),
         }
+    }
+
+    /// What the server did since it started, per queue, and its state. Counting costs a few
+    /// atomic operations per request and is always on.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            queues: self
+                .services
+                .iter()
+                .map(|service| service.metrics.snapshot())
+                .collect(),
+            reconnections: self.metrics.reconnections.get(),
+            health: self.health(),
+        }
+    }
+
+    /// The server's state: connecting, serving, reconnecting (since when, and why), draining.
+    pub fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    /// The server's metrics in the Prometheus text exposition format, as `/metrics` serves
+    /// them.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.text()
+    }
+
+    /// The address of the `/metrics` and `/health` endpoint, when
+    /// [`ServerOptions::metrics_addr`] asked for one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().map(Endpoint::address)
     }
 
     /// A handle that stops this server from another thread.
@@ -362,10 +425,13 @@ impl Server {
     ///
     /// An error that ended the server: one that reconnecting cannot fix.
     pub fn wait(mut self) -> Result<()> {
-        match self.supervisor.take() {
+        let outcome = match self.supervisor.take() {
             Some(supervisor) => supervisor_outcome(supervisor),
             None => Ok(()),
-        }
+        };
+        // The endpoint stops with the server.
+        self.endpoint.take();
+        outcome
     }
 
     /// Stops taking requests, lets in-flight requests finish, reply and ack, and closes the
@@ -403,6 +469,8 @@ struct Supervisor {
     options: ServerOptions,
     services: Vec<Arc<Service>>,
     stop: Receiver<Stop>,
+    metrics: Arc<ServerMetrics>,
+    health: Arc<Mutex<Health>>,
 }
 
 /// How one connection's session ended.
@@ -415,6 +483,18 @@ enum SessionEnd {
 
 impl Supervisor {
     fn run(self, started: Sender<Result<()>>) -> Result<()> {
+        let outcome = self.supervise(started);
+        self.set_health(Health::Stopped);
+        outcome
+    }
+
+    /// Shows the server's state to [`Server::health`] and to the metrics.
+    fn set_health(&self, health: Health) {
+        self.metrics.set_health(&health);
+        *lock(&self.health) = health;
+    }
+
+    fn supervise(&self, started: Sender<Result<()>>) -> Result<()> {
         let mut started = Some(started);
         let min_delay = Duration::from_millis(100);
         let mut delay = min_delay;
@@ -442,6 +522,14 @@ impl Supervisor {
                         error.chain(),
                         delay.as_secs_f64()
                     );
+                    let since = match &*lock(&self.health) {
+                        Health::Reconnecting { since, .. } => *since,
+                        _ => SystemTime::now(),
+                    };
+                    self.set_health(Health::Reconnecting {
+                        since,
+                        reason: error.chain(),
+                    });
                     select! {
                         recv(self.stop) -> _ => return Ok(()),
                         default(delay) => {}
@@ -510,6 +598,12 @@ impl Supervisor {
                     service.queue, service.options.workers
                 );
             }
+            if started.is_none() {
+                self.metrics.reconnections.inc();
+            }
+            self.set_health(Health::Serving {
+                since: SystemTime::now(),
+            });
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
@@ -518,6 +612,7 @@ impl Supervisor {
 
         match failure {
             None => {
+                self.set_health(Health::Draining);
                 self.drain(connection, pool);
                 Ok(SessionEnd::Stopped)
             }
@@ -827,6 +922,16 @@ impl Worker {
             &self.service.queue,
         );
         let queue = &self.service.queue;
+        let metrics = &self.service.metrics;
+        metrics.requests.inc();
+        if request.is_redelivered() {
+            metrics.redeliveries.inc();
+        }
+        let trace = request
+            .trace_id()
+            .map(|id| format!(", trace {id}"))
+            .unwrap_or_default();
+        debug!("request {:?} on '{queue}'{trace}", request.correlation_id());
         let Some(reply_to) = request.reply_to() else {
             warn!(
                 "dropping a request without reply_to (correlation id {:?}): nobody to answer",
@@ -836,6 +941,7 @@ impl Worker {
             return Ok(None);
         };
         if request.is_past_deadline() {
+            metrics.skipped_past_deadline.inc();
             debug!(
                 "skipping request {:?} on '{queue}': its deadline has passed, nobody waits",
                 request.correlation_id()
@@ -855,14 +961,15 @@ impl Worker {
             None => self.answer(&request),
         };
         let correlation_id = request.correlation_id();
+        let kind = outcome.as_ref().err().map(HandlerError::kind);
         let (body, properties) = match outcome {
             Ok(reply) => {
-                let properties = wire::reply_properties(&reply, correlation_id);
+                let properties = wire::reply_properties(&reply, &request);
                 (reply.into_body(), properties)
             }
             Err(error) => {
                 warn!("answering request {correlation_id:?} on '{queue}' with an error: {error}");
-                let properties = wire::error_properties(&error, correlation_id);
+                let properties = wire::error_properties(&error, &request);
                 (error.message().as_bytes().to_vec(), properties)
             }
         };
@@ -879,6 +986,7 @@ impl Worker {
         // A publish only hands the reply to amiquip: the broker's refusal (a reply too large for
         // it, say) comes later, as the channel closing; see `run`.
         published.and_then(|()| delivery.ack(&self.channel))?;
+        metrics.count_reply(kind);
         trace!("replied to {correlation_id:?}");
         Ok(Some(key))
     }
@@ -893,14 +1001,19 @@ impl Worker {
                 request.body().len()
             )));
         }
-        catch_unwind(AssertUnwindSafe(|| self.service.handler.handle(request))).unwrap_or_else(
-            |panic| {
+        let metrics = &self.service.metrics;
+        metrics.busy.inc();
+        let started = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.service.handler.handle(request)))
+            .unwrap_or_else(|panic| {
                 Err(HandlerError::failed(format!(
                     "the handler panicked: {}",
                     panic_message(&*panic)
                 )))
-            },
-        )
+            });
+        metrics.handler_time.record(started.elapsed());
+        metrics.busy.dec();
+        outcome
     }
 }
 

@@ -33,7 +33,6 @@
 //! connection, which ends the consumer with it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,6 +48,7 @@ use crate::client::{ClientOptions, ReplyRoute};
 use crate::connect::Brokers;
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
+use crate::stats::ClientCounters;
 use crate::wire::{self, DIRECT_REPLY_TO};
 
 /// What a waiting caller is told, by the reader or by the session.
@@ -176,11 +176,10 @@ impl Awaited {
 }
 
 /// State that the callers share.
-#[derive(Default)]
 struct Shared {
     awaited: Mutex<Awaited>,
-    /// Replies that arrived after their call had timed out.
-    late_replies: AtomicU64,
+    /// The client's counters, for late and stray replies.
+    counters: Arc<ClientCounters>,
 }
 
 impl Shared {
@@ -226,9 +225,10 @@ impl Shared {
             position.and_then(|position| awaited.timed_out.remove(position))
         };
         if late.is_some() {
-            self.late_replies.fetch_add(1, Ordering::Relaxed);
+            ClientCounters::add(&self.counters.late_replies, 1);
             debug!("dropping a late reply: call {id} had timed out");
         } else {
+            ClientCounters::add(&self.counters.stray_replies, 1);
             debug!("dropping a reply that no call awaits (a duplicate or a stray): {id:?}");
         }
     }
@@ -277,6 +277,7 @@ impl Session {
         brokers: &Brokers,
         options: &ClientOptions,
         deadline: Option<Instant>,
+        counters: &Arc<ClientCounters>,
     ) -> Result<Session> {
         let mut connection = brokers.connect_by(&options.connect, deadline)?;
         let channel = connection.open_channel(None)?;
@@ -314,7 +315,10 @@ impl Session {
             connection: Mutex::new(Some(connection)),
             reply_to,
             queue: options.queue.clone(),
-            shared: Shared::default(),
+            shared: Shared {
+                awaited: Mutex::default(),
+                counters: Arc::clone(counters),
+            },
             probe: Mutex::default(),
         })
     }
@@ -401,11 +405,6 @@ impl Session {
             }
             awaited.timed_out.push_back(id);
         }
-    }
-
-    /// Replies that arrived after their call had timed out, so far.
-    pub(crate) fn late_replies(&self) -> u64 {
-        self.shared.late_replies.load(Ordering::Relaxed)
     }
 
     /// What the broker says of the server queue now: its consumers and waiting requests.

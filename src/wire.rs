@@ -33,6 +33,14 @@ pub const ERROR_KIND_HEADER: &str = "error-kind";
 /// 64-bit integer. A server does not run the handler for a request whose deadline has passed.
 pub const DEADLINE_HEADER: &str = "deadline";
 
+/// The W3C trace context header that names the trace and the caller's span; a server copies
+/// it from a request onto the reply.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The W3C trace context header with vendor-specific trace data; copied like
+/// [`TRACEPARENT_HEADER`].
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
 /// The largest `expiration` RabbitMQ accepts, in milliseconds.
 const MAX_EXPIRATION_MS: u128 = u32::MAX as u128;
 
@@ -178,15 +186,29 @@ pub(crate) fn request_from(
     }
 }
 
-/// The properties of a successful reply to the request with `correlation_id`.
-pub(crate) fn reply_properties(reply: &Reply, correlation_id: Option<&str>) -> AmqpProperties {
+/// The properties every reply to `request` carries: its `correlation_id`, and its trace
+/// context headers, added to `headers` unless they hold their own.
+fn answering(request: &Request, mut headers: FieldTable) -> AmqpProperties {
+    for name in [TRACEPARENT_HEADER, TRACESTATE_HEADER] {
+        if let Some(value) = request.header(name) {
+            headers
+                .entry(name.to_string())
+                .or_insert_with(|| amqp_value(value));
+        }
+    }
     let mut properties = AmqpProperties::default();
-    if let Some(id) = correlation_id {
+    if !headers.is_empty() {
+        properties = properties.with_headers(headers);
+    }
+    if let Some(id) = request.correlation_id() {
         properties = properties.with_correlation_id(id.to_string());
     }
-    if !reply.headers.is_empty() {
-        properties = properties.with_headers(field_table(&reply.headers));
-    }
+    properties
+}
+
+/// The properties of a successful reply to `request`.
+pub(crate) fn reply_properties(reply: &Reply, request: &Request) -> AmqpProperties {
+    let mut properties = answering(request, field_table(&reply.headers));
     if let Some(content_type) = &reply.content_type {
         properties = properties.with_content_type(content_type.clone());
     }
@@ -196,13 +218,8 @@ pub(crate) fn reply_properties(reply: &Reply, correlation_id: Option<&str>) -> A
     properties
 }
 
-/// The properties of an error reply to the request with `correlation_id`; its body is the
-/// message.
-pub(crate) fn error_properties(
-    error: &HandlerError,
-    correlation_id: Option<&str>,
-) -> AmqpProperties {
-    let kind = error.kind().as_str();
+/// The properties of an error reply to `request`; its body is the message.
+pub(crate) fn error_properties(error: &HandlerError, request: &Request) -> AmqpProperties {
     let mut headers = FieldTable::new();
     headers.insert(
         ERROR_HEADER.to_string(),
@@ -210,13 +227,9 @@ pub(crate) fn error_properties(
     );
     headers.insert(
         ERROR_KIND_HEADER.to_string(),
-        AmqpValue::LongString(kind.to_string()),
+        AmqpValue::LongString(error.kind().as_str().to_string()),
     );
-    let mut properties = AmqpProperties::default().with_headers(headers);
-    if let Some(id) = correlation_id {
-        properties = properties.with_correlation_id(id.to_string());
-    }
-    properties
+    answering(request, headers)
 }
 
 /// What a reply delivery means to its caller: the reply, or the server's error, with its kind

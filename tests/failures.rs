@@ -193,11 +193,13 @@ fn a_late_reply_is_counted_and_dropped() {
         .call_with_timeout(b"hold", Duration::from_millis(300))
         .unwrap_err();
     assert!(error.is_timeout(), "{error:?}");
-    assert_eq!(client.late_replies(), 0);
+    assert_eq!(client.stats().late_replies, 0);
     released.store(true, Ordering::SeqCst);
     // The late reply reaches the client while this call waits; it answers nobody else.
     assert_eq!(client.call(b"12").unwrap(), b"144");
-    wait_until("the late reply is counted", || client.late_replies() == 1);
+    wait_until("the late reply is counted", || {
+        client.stats().late_replies == 1
+    });
     server.shutdown().unwrap();
 }
 

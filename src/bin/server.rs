@@ -56,6 +56,11 @@ struct Args {
     #[arg(long, env = "RPC_MAX_BODY", default_value_t = amqp_rpc::DEFAULT_MAX_BODY)]
     max_body: usize,
 
+    /// Serve /metrics (Prometheus) and /health (200 while serving) over HTTP on HOST:PORT;
+    /// port 0 picks a free one, printed at start-up.
+    #[arg(long, env = "RPC_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
+
     /// Seconds that SIGTERM/SIGINT lets in-flight requests finish; those still running then go
     /// back to the queue.
     #[arg(long, env = "RPC_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = common::parse_seconds)]
@@ -88,6 +93,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     };
     let mut options = ServerOptions {
         drain_timeout: common::seconds(args.drain_timeout),
+        metrics_addr: args.metrics_addr,
         ..ServerOptions::default()
     };
     options.connect.heartbeat = args.heartbeat;
@@ -110,6 +116,9 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
             },
         )
         .start()?;
+    if let Some(address) = server.metrics_addr() {
+        println!(" [x] Metrics on http://{address}/metrics");
+    }
     println!(" [x] Awaiting RPC requests");
 
     let shutdown = server.shutdown_handle();

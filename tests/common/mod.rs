@@ -236,6 +236,37 @@ pub fn python_with_pika() -> String {
     python
 }
 
+/// Python with the `prometheus_client` package, whose parser checks our `/metrics` text.
+pub fn python_with_prometheus_client() -> String {
+    let python = python_with_pika();
+    let found = std::process::Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "the metrics tests need Python's prometheus_client: `pip install prometheus_client` \
+         (scripts/test installs it)"
+    );
+    python
+}
+
+/// `GET path` from the HTTP server at `address`: the status code and the body; `None` when
+/// nothing listens there.
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
 /// The path of one of the pika peer scripts in `tests/pika/`.
 pub fn pika_script(name: &str) -> String {
     format!("{}/tests/pika/{name}", env!("CARGO_MANIFEST_DIR"))

@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions, Error, Result};
+use amqp_rpc::{Client, ClientOptions, ClientStats, Error, Result};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -44,6 +44,8 @@ pub struct BenchReport {
     pub elapsed: Duration,
     /// Latency of every call that succeeded, sorted, in microseconds.
     pub latencies_us: Vec<u64>,
+    /// What the shared client counted.
+    pub stats: ClientStats,
 }
 
 impl BenchReport {
@@ -138,6 +140,7 @@ pub fn run(
         mismatched: total.mismatched,
         elapsed: finished - started,
         latencies_us: total.latencies_us,
+        stats: shared.stats(),
     })
 }
 

@@ -41,7 +41,8 @@ struct Args {
     retry: bool,
 
     /// Benchmark instead: make --calls calls of fib(N), check every answer, and print
-    /// `slowest_us=S connection_errors=C mismatched=M elapsed_ms=T`, then, last, the summary line
+    /// `slowest_us=S connection_errors=C mismatched=M elapsed_ms=T`, the client's statistics
+    /// (`stats: calls=... replies=... timeouts=...`), then, last, the summary line
     /// `calls=K errors=E calls_per_s=X p50_us=Y p99_us=Z`.
     #[arg(long)]
     bench: bool,
@@ -182,6 +183,36 @@ fn run_bench(args: &Args, n: u64, client: &ClientOptions) -> amqp_rpc::Result<()
         report.mismatched,
         report.elapsed.as_millis()
     );
+    println!("{}", stats_line(&report.stats));
     println!("{report}");
     Ok(())
+}
+
+/// The client's statistics on one line of `name=value` fields.
+fn stats_line(stats: &amqp_rpc::ClientStats) -> String {
+    let errors = &stats.errors;
+    let micros = |latency: Duration| latency.as_micros();
+    format!(
+        "stats: calls={} replies={} errors={} timeouts={} no_route={} no_server={} \
+         remote_errors={} connection_lost={} overloaded={} late_replies={} stray_replies={} \
+         retries={} reconnections={} latency_p50_us={} latency_p90_us={} latency_p99_us={} \
+         latency_max_us={}",
+        stats.calls,
+        stats.replies,
+        errors.total(),
+        errors.timeout,
+        errors.no_route,
+        errors.no_server,
+        errors.remote.total(),
+        errors.connection_lost,
+        errors.overloaded,
+        stats.late_replies,
+        stats.stray_replies,
+        stats.retries,
+        stats.reconnections,
+        micros(stats.latency.p50),
+        micros(stats.latency.p90),
+        micros(stats.latency.p99),
+        micros(stats.latency.max),
+    )
 }
