@@ -60,9 +60,15 @@ pub struct ClientOptions {
     /// limit fails at once with [`Error::Overloaded`] instead of queueing without bound.
     /// Default: `None`, no limit.
     pub max_in_flight: Option<usize>,
+    /// The largest reply body accepted, in bytes; a larger reply fails its call with
+    /// [`Error::InvalidReply`]. Default: 16 MiB (fib(10,000,000)'s 2 MB reply passes).
+    pub max_reply: usize,
     /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
+
+/// The default [`ClientOptions::max_reply`]: 16 MiB.
+pub const DEFAULT_MAX_REPLY: usize = 16 * 1024 * 1024;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -73,6 +79,7 @@ impl Default for ClientOptions {
             reply_route: ReplyRoute::default(),
             no_server_grace: Duration::from_secs(1),
             max_in_flight: None,
+            max_reply: DEFAULT_MAX_REPLY,
             connect: ConnectOptions::default(),
         }
     }

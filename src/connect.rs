@@ -17,6 +17,13 @@ use url::Url;
 
 use crate::error::{Error, Result};
 
+/// The log target under which amiquip logs the AMQP handshake at debug, including the
+/// `StartOk` frame with the PLAIN response, **password included**. A program that sets up its
+/// own logger must keep this target at `info` or above, whatever level it allows elsewhere:
+/// `env_logger::Builder::filter_module(AMIQUIP_HANDSHAKE_LOG_TARGET, LevelFilter::Info)`.
+/// This crate's binaries and examples do.
+pub const AMIQUIP_HANDSHAKE_LOG_TARGET: &str = "amiquip::io_loop::handshake_state";
+
 /// The URL used when none is given: the local broker's default vhost, as guest.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -67,7 +74,8 @@ impl BrokerAddress {
     /// [`Error::Config`] when the URL is malformed, its scheme is not `amqp` or `amqps`, it has
     /// no host, or its path has more than one segment.
     pub(crate) fn parse(url: &str) -> Result<BrokerAddress> {
-        let bad = |why: &str| Error::Config(format!("bad broker URL '{url}': {why}"));
+        let bad =
+            |why: &str| Error::Config(format!("bad broker URL '{}': {why}", without_password(url)));
         let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let tls = match parsed.scheme() {
             "amqp" => false,
@@ -309,6 +317,24 @@ fn connect_error(address: &BrokerAddress, source: std::io::Error) -> Error {
     }
 }
 
+/// `url` with its password, if it has one, replaced by `***`; works on malformed URLs too,
+/// so that no error message ever shows a password.
+pub(crate) fn without_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|scheme_end| scheme_end + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |end| start + end);
+    let Some(at) = url[start..authority_end].rfind('@').map(|at| start + at) else {
+        return url.to_string();
+    };
+    match url[start..at].find(':') {
+        Some(colon) => format!("{}***{}", &url[..start + colon + 1], &url[at..]),
+        None => url.to_string(),
+    }
+}
+
 /// Shows the address without its password.
 impl std::fmt::Debug for BrokerAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -380,6 +406,26 @@ mod tests {
             Brokers::parse("amqp://a,http://b"),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn passwords_never_show_in_urls_for_messages() {
+        assert_eq!(
+            without_password("amqp://user:s3cret@host:5672/%2f"),
+            "amqp://user:***@host:5672/%2f"
+        );
+        assert_eq!(without_password("amqp://user@host/"), "amqp://user@host/");
+        assert_eq!(without_password("amqp://host/"), "amqp://host/");
+        assert_eq!(without_password("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(without_password("not a url"), "not a url");
+        for url in [
+            "amqp://u:s3cret@h:99999/",
+            "http://u:s3cret@h/",
+            "amqp://u:s3cret@/x/y",
+        ] {
+            let error = BrokerAddress::parse(url).unwrap_err().to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 
     #[test]

@@ -124,14 +124,14 @@ mod session;
 mod stats;
 mod wire;
 
-pub use client::{Client, ClientOptions, ReplyRoute};
-pub use connect::{ConnectOptions, DEFAULT_URL};
+pub use client::{Client, ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
+pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL};
 pub use error::{Error, QueueState, Result};
 pub use headers::{HeaderValue, Headers};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};
 pub use server::{
-    DEFAULT_MAX_BODY, Handler, QueueOptions, QueueType, Server, ServerBuilder, ServerOptions,
-    ShutdownHandle, default_workers,
+    DEFAULT_MAX_BODY, DEFAULT_REPLY_TO, Handler, QueueOptions, QueueType, Server, ServerBuilder,
+    ServerOptions, ShutdownHandle, default_workers,
 };
 pub use stats::{
     ClientStats, ErrorCounts, Health, KindCounts, Latency, QueueStats, ReplyCounts, ServerStats,

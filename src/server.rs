@@ -129,6 +129,26 @@ pub struct QueueOptions {
     /// The largest request body served, in bytes; a larger one is answered with a
     /// `bad-request` error reply before the handler sees it. Default: 1 MiB.
     pub max_body: usize,
+    /// The `reply_to` names the server answers: an exact name, or a prefix ending in `*`. A
+    /// request naming another is acked, logged at warn and not answered: the server publishes
+    /// with its own permissions, so an unchecked `reply_to` would let any caller make it write
+    /// into any queue. Default: [`DEFAULT_REPLY_TO`], the queues a client can own: server-named
+    /// ones (`amq.gen-*`, the tutorial's) and direct reply-to (`amq.rabbitmq.reply-to*`). Add
+    /// patterns for peers that name their reply queues.
+    pub reply_to: Vec<String>,
+}
+
+/// The default [`QueueOptions::reply_to`]: server-named queues and direct reply-to.
+pub const DEFAULT_REPLY_TO: [&str; 2] = ["amq.gen-*", "amq.rabbitmq.reply-to*"];
+
+/// True when `reply_to` is one of `patterns`: an exact name, or a prefix ending in `*`.
+fn reply_to_allowed(reply_to: &str, patterns: &[String]) -> bool {
+    patterns
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => reply_to.starts_with(prefix),
+            None => reply_to == pattern,
+        })
 }
 
 /// The default [`QueueOptions::max_body`]: 1 MiB.
@@ -144,6 +164,7 @@ impl Default for QueueOptions {
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
             max_body: DEFAULT_MAX_BODY,
+            reply_to: DEFAULT_REPLY_TO.map(String::from).to_vec(),
         }
     }
 }
@@ -940,6 +961,16 @@ impl Worker {
             delivery.ack(&self.channel)?;
             return Ok(None);
         };
+        if !reply_to_allowed(reply_to, &self.service.options.reply_to) {
+            metrics.refused_reply_to.inc();
+            warn!(
+                "not answering request {:?} on '{queue}'{trace}: reply_to '{reply_to}' is not a \
+                 queue a client could own (QueueOptions::reply_to lists the names answered)",
+                request.correlation_id()
+            );
+            delivery.ack(&self.channel)?;
+            return Ok(None);
+        }
         if request.is_past_deadline() {
             metrics.skipped_past_deadline.inc();
             debug!(

@@ -262,6 +262,8 @@ pub(crate) struct Session {
     shared: Shared,
     /// For asking the broker about the server queue.
     probe: Mutex<Probe>,
+    /// [`ClientOptions::max_reply`].
+    max_reply: usize,
 }
 
 /// A channel for passive declares of the server queue, and the last answer.
@@ -320,6 +322,7 @@ impl Session {
                 counters: Arc::clone(counters),
             },
             probe: Mutex::default(),
+            max_reply: options.max_reply,
         })
     }
 
@@ -511,7 +514,9 @@ impl Session {
         // Take every reply already there, so that one lock serves them all.
         let ended = loop {
             match next {
-                Ok(ConsumerMessage::Delivery(delivery)) => outcomes.push(reply_outcome(delivery)),
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    outcomes.push(reply_outcome(delivery, self.max_reply));
+                }
                 Ok(other) => break Some(consumer_ended(other)),
                 Err(()) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
             }
@@ -574,16 +579,39 @@ impl Drop for Session {
 }
 
 /// A reply's correlation id, and what it means for the call: the reply or the server's error.
-fn reply_outcome(delivery: Delivery) -> (String, Result<Reply>) {
+fn reply_outcome(delivery: Delivery, max_reply: usize) -> (String, Result<Reply>) {
     let id = delivery
         .properties
         .correlation_id()
         .clone()
         .unwrap_or_default();
     trace!("reply to {id} arrived");
-    let outcome =
-        wire::reply_from(delivery).map_err(|(kind, message)| Error::Remote { kind, message });
+    let size = delivery.body.len();
+    let outcome = if size > max_reply {
+        Err(Error::InvalidReply(format!(
+            "a reply of {size} bytes is over this client's limit of {max_reply} bytes"
+        )))
+    } else {
+        wire::reply_from(delivery).map_err(|(kind, message)| Error::Remote {
+            kind,
+            // A hostile or broken peer's message must not reach a terminal as escapes.
+            message: without_control_characters(&message),
+        })
+    };
     (id, outcome)
+}
+
+/// `text` with each control character shown escaped (`\u{1b}`) instead of as itself.
+fn without_control_characters(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A request the broker could not route: no queue by that name.

@@ -344,6 +344,9 @@ pub struct QueueStats {
     pub redeliveries: u64,
     /// Requests acked without running the handler, their deadline having passed.
     pub skipped_past_deadline: u64,
+    /// Requests acked without running the handler, their `reply_to` not being one the server
+    /// answers ([`crate::QueueOptions::reply_to`]).
+    pub refused_reply_to: u64,
     /// Workers running a handler at this moment.
     pub workers_busy: i64,
 }
@@ -400,6 +403,7 @@ pub(crate) struct QueueMetrics {
     pub(crate) handler_time: LatencyRecorder,
     pub(crate) redeliveries: IntCounter,
     pub(crate) skipped_past_deadline: IntCounter,
+    pub(crate) refused_reply_to: IntCounter,
     pub(crate) busy: IntGauge,
 }
 
@@ -523,6 +527,7 @@ impl ServerMetrics {
             handler_time: LatencyRecorder::new(self.handler_seconds.with_label_values(&[queue])),
             redeliveries: self.redeliveries.with_label_values(&[queue]),
             skipped_past_deadline: self.skipped.with_label_values(&[queue, "deadline"]),
+            refused_reply_to: self.skipped.with_label_values(&[queue, "reply-to"]),
             busy: self.busy.with_label_values(&[queue]),
         }
     }
@@ -566,6 +571,7 @@ impl QueueMetrics {
             handler_time: self.handler_time.snapshot(),
             redeliveries: self.redeliveries.get(),
             skipped_past_deadline: self.skipped_past_deadline.get(),
+            refused_reply_to: self.refused_reply_to.get(),
             workers_busy: self.busy.get(),
         }
     }

@@ -18,7 +18,13 @@ pub struct BrokerArgs {
 /// Logs to stderr (`RUST_LOG`, else warnings), runs `run`, and reports its error as
 /// `error: ...` with a failing exit code.
 pub fn main_with(run: impl FnOnce() -> amqp_rpc::Result<()>) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        // amiquip logs the handshake, password included, at debug: keep it out.
+        .filter_module(
+            amqp_rpc::AMIQUIP_HANDSHAKE_LOG_TARGET,
+            log::LevelFilter::Info,
+        )
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -56,6 +56,11 @@ struct Args {
     #[arg(long, env = "RPC_MAX_BODY", default_value_t = amqp_rpc::DEFAULT_MAX_BODY)]
     max_body: usize,
 
+    /// Also answer requests whose reply_to is NAME (or starts with PREFIX, given as PREFIX*);
+    /// repeatable. Server-named queues and direct reply-to are always answered.
+    #[arg(long = "allow-reply-to", value_name = "PATTERN")]
+    allow_reply_to: Vec<String>,
+
     /// Serve /metrics (Prometheus) and /health (200 while serving) over HTTP on HOST:PORT;
     /// port 0 picks a free one, printed at start-up.
     #[arg(long, env = "RPC_METRICS_ADDR", value_name = "HOST:PORT")]
@@ -90,6 +95,11 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         dead_letter_exchange: args.dead_letter_exchange,
         dead_letter_routing_key: args.dead_letter_routing_key,
         max_body: args.max_body,
+        reply_to: amqp_rpc::DEFAULT_REPLY_TO
+            .map(String::from)
+            .into_iter()
+            .chain(args.allow_reply_to)
+            .collect(),
     };
     let mut options = ServerOptions {
         drain_timeout: common::seconds(args.drain_timeout),

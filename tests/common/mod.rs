@@ -323,7 +323,8 @@ pub fn publish_request(queue: &str, body: &[u8]) {
     let mut connection = raw_connection();
     let channel = connection.open_channel(None).unwrap();
     let properties = AmqpProperties::default()
-        .with_reply_to(format!("nobody-{}", uuid::Uuid::new_v4()))
+        // A server-named-looking queue that does not exist: the reply is dropped unread.
+        .with_reply_to(format!("amq.gen-unread-{}", uuid::Uuid::new_v4()))
         .with_correlation_id("unread".to_string());
     channel
         .basic_publish(

@@ -6,13 +6,17 @@ use std::time::Duration;
 /// The flags that say where the server queue is, shared by both binaries.
 #[derive(clap::Args, Debug)]
 pub struct BrokerArgs {
-    /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS). Give it several
-    /// times (AMQP_URL: comma-separated) for the nodes of a cluster: the first that answers is
-    /// used, and after a connection loss whichever answers next.
+    /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS) [default: the
+    /// local broker's default vhost, as guest]. Give it several times (AMQP_URL:
+    /// comma-separated) for the nodes of a cluster: the first that answers is used, and after
+    /// a connection loss whichever answers next.
+    // Neither the default nor AMQP_URL's value is shown in --help: both hold a password.
     #[arg(
         long = "url",
         env = "AMQP_URL",
         default_value = amqp_rpc::DEFAULT_URL,
+        hide_default_value = true,
+        hide_env_values = true,
         value_delimiter = ','
     )]
     pub urls: Vec<String>,
@@ -47,6 +51,12 @@ pub fn seconds(seconds: f64) -> Duration {
 /// `error: message: cause...` on stderr with a failing exit code.
 pub fn main_with(default_level: &str, run: impl FnOnce() -> amqp_rpc::Result<()>) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        // amiquip logs the handshake's StartOk frame, the password included, at debug: never
+        // let it through, whatever RUST_LOG says.
+        .filter_module(
+            amqp_rpc::AMIQUIP_HANDSHAKE_LOG_TARGET,
+            log::LevelFilter::Info,
+        )
         .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
