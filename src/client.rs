@@ -60,6 +60,13 @@ pub struct ClientOptions {
     /// limit fails at once with [`Error::Overloaded`] instead of queueing without bound.
     /// Default: `None`, no limit.
     pub max_in_flight: Option<usize>,
+    /// The user the servers run as. When set, only replies whose `user_id` names this user
+    /// are accepted (the broker refuses a `user_id` that is not the publishing connection's
+    /// user, so it cannot be forged); any other reply is dropped, counted
+    /// ([`ClientStats::rejected_replies`]) and logged at warn, and its call goes on waiting
+    /// for the real one. Default: `None`, every reply with the awaited `correlation_id` is
+    /// accepted, as the tutorial's peers expect (they set no `user_id`).
+    pub server_user: Option<String>,
     /// The largest reply body accepted, in bytes; a larger reply fails its call with
     /// [`Error::InvalidReply`]. Default: 16 MiB (fib(10,000,000)'s 2 MB reply passes).
     pub max_reply: usize,
@@ -80,6 +87,7 @@ impl Default for ClientOptions {
             no_server_grace: Duration::from_secs(1),
             max_in_flight: None,
             max_reply: DEFAULT_MAX_REPLY,
+            server_user: None,
             connect: ConnectOptions::default(),
         }
     }

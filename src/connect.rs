@@ -121,6 +121,13 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
         .map(|decoded| decoded.into_owned())
 }
 
+/// An open connection, and the user it authenticated as: the `user_id` that the broker lets
+/// its messages carry.
+pub(crate) struct Connected {
+    pub(crate) connection: Connection,
+    pub(crate) user: String,
+}
+
 /// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
 /// commas.
 ///
@@ -166,7 +173,7 @@ impl Brokers {
     /// # Errors
     ///
     /// The last broker's error when none answers; see [`open_address`].
-    pub(crate) fn connect(&self, options: &ConnectOptions) -> Result<Connection> {
+    pub(crate) fn connect(&self, options: &ConnectOptions) -> Result<Connected> {
         self.connect_by(options, None)
     }
 
@@ -181,7 +188,7 @@ impl Brokers {
         &self,
         options: &ConnectOptions,
         deadline: Option<Instant>,
-    ) -> Result<Connection> {
+    ) -> Result<Connected> {
         let count = self.addresses.len();
         let first = self.next.load(Ordering::Relaxed) % count;
         let mut last_error = None;
@@ -206,7 +213,10 @@ impl Brokers {
             match open_address(address, &options) {
                 Ok(connection) => {
                     self.next.store(index + 1, Ordering::Relaxed);
-                    return Ok(connection);
+                    return Ok(Connected {
+                        connection,
+                        user: address.username.clone(),
+                    });
                 }
                 Err(error) => {
                     if count > 1 {

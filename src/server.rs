@@ -33,7 +33,7 @@ use amiquip::{
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
-use crate::connect::{Brokers, ConnectOptions};
+use crate::connect::{Brokers, ConnectOptions, Connected};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::message::{HandlerError, Reply, Request};
@@ -564,7 +564,7 @@ impl Supervisor {
     /// Connects, on a thread of its own so that a shutdown is honoured while connecting;
     /// `None` when shutdown was asked for first (the attempt is left to finish, and its
     /// connection, if any, is closed when dropped).
-    fn connect(&self) -> Result<Option<Connection>> {
+    fn connect(&self) -> Result<Option<Connected>> {
         let (sender, result) = bounded(1);
         let (brokers, options) = (Arc::clone(&self.brokers), self.options.connect.clone());
         thread::Builder::new()
@@ -584,13 +584,17 @@ impl Supervisor {
 
     /// Connects, serves until shutdown or a failure, and closes the connection.
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
-        let Some(mut connection) = self.connect()? else {
+        let Some(Connected {
+            mut connection,
+            user,
+        }) = self.connect()?
+        else {
             return Ok(SessionEnd::Stopped);
         };
         for service in &self.services {
             declare_queue(&mut connection, service)?;
         }
-        let mut pool = Pool::new(self.stop.clone());
+        let mut pool = Pool::new(self.stop.clone(), user);
         for service in &self.services {
             for _ in 0..service.options.workers {
                 let channel = connection.open_channel(None)?;
@@ -733,6 +737,8 @@ fn deadline_after(start: Instant, timeout: Duration) -> Instant {
 /// The worker threads of one connection.
 struct Pool {
     stop: Receiver<Stop>,
+    /// The connection's user, which replies carry as `user_id`.
+    user: String,
     ready_sender: Sender<()>,
     /// One message per worker that has started consuming.
     ready: Receiver<()>,
@@ -745,11 +751,12 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(stop: Receiver<Stop>) -> Pool {
+    fn new(stop: Receiver<Stop>, user: String) -> Pool {
         let (ready_sender, ready) = unbounded();
         let (ended_sender, ended) = unbounded();
         Pool {
             stop,
+            user,
             ready_sender,
             ready,
             ended_sender,
@@ -765,6 +772,7 @@ impl Pool {
             channel,
             service: Arc::clone(&service),
             stop: self.stop.clone(),
+            user: self.user.clone(),
         };
         let (ready, ended) = (self.ready_sender.clone(), self.ended_sender.clone());
         let handle = thread::Builder::new()
@@ -872,6 +880,8 @@ struct Worker {
     channel: Channel,
     service: Arc<Service>,
     stop: Receiver<Stop>,
+    /// The connection's user, which replies carry as `user_id` for the broker to verify.
+    user: String,
 }
 
 impl Worker {
@@ -1011,7 +1021,7 @@ impl Worker {
                 routing_key: reply_to.to_string(),
                 mandatory: false,
                 immediate: false,
-                properties,
+                properties: properties.with_user_id(self.user.clone()),
             },
         );
         // A publish only hands the reply to amiquip: the broker's refusal (a reply too large for

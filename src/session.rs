@@ -41,11 +41,11 @@ use amiquip::{
     Return,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, select};
-use log::{debug, trace};
+use log::{debug, trace, warn};
 use uuid::Uuid;
 
 use crate::client::{ClientOptions, ReplyRoute};
-use crate::connect::Brokers;
+use crate::connect::{Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
@@ -264,6 +264,10 @@ pub(crate) struct Session {
     probe: Mutex<Probe>,
     /// [`ClientOptions::max_reply`].
     max_reply: usize,
+    /// The connection's user, which requests carry as `user_id`.
+    user: String,
+    /// [`ClientOptions::server_user`].
+    server_user: Option<String>,
 }
 
 /// A channel for passive declares of the server queue, and the last answer.
@@ -281,7 +285,10 @@ impl Session {
         deadline: Option<Instant>,
         counters: &Arc<ClientCounters>,
     ) -> Result<Session> {
-        let mut connection = brokers.connect_by(&options.connect, deadline)?;
+        let Connected {
+            mut connection,
+            user,
+        } = brokers.connect_by(&options.connect, deadline)?;
         let channel = connection.open_channel(None)?;
         let returns = channel.listen_for_returns()?;
         let reply_to = match options.reply_route {
@@ -323,6 +330,8 @@ impl Session {
             },
             probe: Mutex::default(),
             max_reply: options.max_reply,
+            user,
+            server_user: options.server_user.clone(),
         })
     }
 
@@ -381,7 +390,8 @@ impl Session {
     }
 
     fn publish(&self, call: &Call, correlation_id: &str, left: Duration) -> Result<()> {
-        let properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
+        let properties = wire::request_properties(call, &self.reply_to, correlation_id, left)
+            .with_user_id(self.user.clone());
         let publish = Publish {
             body: &call.body,
             routing_key: self.queue.clone(),
@@ -515,7 +525,9 @@ impl Session {
         let ended = loop {
             match next {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
-                    outcomes.push(reply_outcome(delivery, self.max_reply));
+                    if self.is_from_the_server(&delivery) {
+                        outcomes.push(reply_outcome(delivery, self.max_reply));
+                    }
                 }
                 Ok(other) => break Some(consumer_ended(other)),
                 Err(()) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
@@ -539,6 +551,26 @@ impl Session {
         if let Some(error) = ended {
             self.shared.break_with(error);
         }
+    }
+
+    /// True when `reply` may be trusted: [`ClientOptions::server_user`] is not set, or the
+    /// reply's `user_id` (which the broker verifies) names that user. Other replies are
+    /// counted and logged at warn; their calls go on waiting for the real reply.
+    fn is_from_the_server(&self, reply: &Delivery) -> bool {
+        let Some(expected) = &self.server_user else {
+            return true;
+        };
+        let user = reply.properties.user_id().as_deref();
+        if user == Some(expected.as_str()) {
+            return true;
+        }
+        ClientCounters::add(&self.shared.counters.rejected_replies, 1);
+        warn!(
+            "dropping a reply to {:?} from user {user:?}, not from the servers' user \
+             '{expected}'",
+            reply.properties.correlation_id()
+        );
+        false
     }
 
     /// Closes the connection, which ends the reply consumer.

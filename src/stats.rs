@@ -152,6 +152,8 @@ pub struct ClientStats {
     pub late_replies: u64,
     /// Replies that no call awaited and none had awaited (duplicates, strays), dropped.
     pub stray_replies: u64,
+    /// Replies from another user than [`crate::ClientOptions::server_user`], dropped.
+    pub rejected_replies: u64,
     /// Calls sent again after a lost connection ([`crate::ClientOptions::retry`]).
     pub retries: u64,
     /// Connections made again after one was lost.
@@ -173,6 +175,7 @@ pub(crate) struct ClientCounters {
     other: AtomicU64,
     pub(crate) late_replies: AtomicU64,
     pub(crate) stray_replies: AtomicU64,
+    pub(crate) rejected_replies: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) reconnections: AtomicU64,
     pub(crate) latency: LatencyRecorder,
@@ -204,6 +207,7 @@ impl ClientCounters {
             other: AtomicU64::new(0),
             late_replies: AtomicU64::new(0),
             stray_replies: AtomicU64::new(0),
+            rejected_replies: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             reconnections: AtomicU64::new(0),
             latency: LatencyRecorder::standalone(
@@ -258,6 +262,7 @@ impl ClientCounters {
             },
             late_replies: get(&self.late_replies),
             stray_replies: get(&self.stray_replies),
+            rejected_replies: get(&self.rejected_replies),
             retries: get(&self.retries),
             reconnections: get(&self.reconnections),
             latency: self.latency.snapshot(),

@@ -22,13 +22,26 @@ struct TestUser {
 
 impl TestUser {
     fn new() -> TestUser {
+        TestUser::with_permissions(".*", ".*", ".*")
+    }
+
+    /// A user with exactly these configure, write and read permissions on the default vhost.
+    fn with_permissions(configure: &str, write: &str, read: &str) -> TestUser {
         let id = uuid::Uuid::new_v4();
         let user = TestUser {
             name: format!("amqp-rpc-test-{id}"),
             password: format!("pw-{id}"),
         };
         rabbitmqctl(&["add_user", &user.name, &user.password]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            configure,
+            write,
+            read,
+        ]);
         user
     }
 
@@ -221,4 +234,175 @@ fn a_servers_error_message_reaches_the_caller_without_control_characters() {
     assert!(!message.chars().any(char::is_control), "{message:?}");
     assert_eq!(message, "bad \\u{1b}[31mred\\u{7} input");
     server.shutdown().unwrap();
+}
+
+/// Consumes one request of `queue` as `url`'s user, answers it first with a forged reply,
+/// puts the request back in the queue, and returns once it has.
+fn forge_one_reply(url: &str, queue: &str) {
+    let mut connection = amiquip::Connection::insecure_open(url).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    channel.qos(0, 1, false).unwrap();
+    let consumer = channel
+        .basic_consume(queue, amiquip::ConsumerOptions::default())
+        .unwrap();
+    let messages = consumer.receiver().clone();
+    let request = match messages.recv_timeout(Duration::from_secs(10)) {
+        Ok(amiquip::ConsumerMessage::Delivery(request)) => request,
+        other => panic!("the rogue got no request: {other:?}"),
+    };
+    let forged = amiquip::AmqpProperties::default()
+        .with_correlation_id(request.properties.correlation_id().clone().unwrap());
+    let reply_to = request.properties.reply_to().clone().unwrap();
+    channel
+        .basic_publish(
+            "",
+            amiquip::Publish::with_properties(b"forged", reply_to, forged),
+        )
+        .unwrap();
+    consumer.nack(request, true).unwrap();
+    // The safe end of a consumer (docs/amiquip.md).
+    consumer.cancel().unwrap();
+    for message in messages.iter() {
+        if !matches!(message, amiquip::ConsumerMessage::Delivery(_)) {
+            break;
+        }
+    }
+    drop(consumer);
+    connection.close().unwrap();
+}
+
+#[test]
+fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the_caller() {
+    let (server_user, rogue) = (TestUser::new(), TestUser::new());
+    let queue = unique_queue("rogue");
+    let _guard = QueueGuard(queue.clone());
+    let mut connection = raw_connection();
+    declare_queue(&connection.open_channel(None).unwrap(), &queue);
+    connection.close().unwrap();
+
+    let client = Client::with_options(
+        &require_broker(),
+        ClientOptions {
+            queue: queue.clone(),
+            server_user: Some(server_user.name.clone()),
+            timeout: Duration::from_secs(20),
+            no_server_grace: Duration::ZERO,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let call = {
+        let client = client.clone();
+        std::thread::spawn(move || client.call(b"10"))
+    };
+    forge_one_reply(&rogue.url(), &queue);
+
+    let callers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&callers);
+    let server = Server::builder(&server_user.url())
+        .serve(
+            &queue,
+            QueueOptions::with_workers(1),
+            move |request: &Request| {
+                seen.lock()
+                    .unwrap()
+                    .push(request.user_id().map(str::to_string));
+                fib::serve(request, 1000)
+            },
+        )
+        .start()
+        .unwrap();
+    assert_eq!(
+        call.join().unwrap().unwrap(),
+        b"55",
+        "the real answer, not the forgery"
+    );
+    assert_eq!(client.stats().rejected_replies, 1);
+    let guest = url::Url::parse(&require_broker()).unwrap();
+    let caller = match guest.username() {
+        "" => "guest".to_string(),
+        name => name.to_string(),
+    };
+    assert_eq!(
+        *callers.lock().unwrap(),
+        [Some(caller)],
+        "the verified caller"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_refused_clearly() {
+    let queue = unique_queue("least");
+    let _guard = QueueGuard(queue.clone());
+    let escaped = queue.replace('-', "\\-");
+    let server_user = TestUser::with_permissions(
+        &format!("^{escaped}$"),
+        "^amq\\.default$",
+        &format!("^{escaped}$"),
+    );
+    let client_user =
+        TestUser::with_permissions("^amq\\.gen-.*$", "^amq\\.default$", "^amq\\.gen-.*$");
+    let direct_user = TestUser::with_permissions("^$", "^amq\\.default$", "^$");
+
+    let server = Server::builder(&server_user.url())
+        .serve(
+            &queue,
+            QueueOptions::with_workers(1),
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .unwrap();
+    let options = |route| ClientOptions {
+        queue: queue.clone(),
+        reply_route: route,
+        timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    let client = Client::with_options(
+        &client_user.url(),
+        options(amqp_rpc::ReplyRoute::ExclusiveQueue),
+    )
+    .unwrap();
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    let direct = Client::with_options(
+        &direct_user.url(),
+        options(amqp_rpc::ReplyRoute::DirectReplyTo),
+    )
+    .unwrap();
+    assert_eq!(direct.call(b"11").unwrap(), b"89");
+
+    // Outside the grants: a server of another queue, a client that declares a reply queue
+    // without the right to. Each is refused at once, with the broker's reason.
+    let other = unique_queue("least-other");
+    let refused = Server::builder(&server_user.url())
+        .serve(
+            &other,
+            QueueOptions::with_workers(1),
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .err()
+        .expect("not granted");
+    assert!(
+        matches!(&refused, Error::Refused { code: 403, text } if text.contains("ACCESS_REFUSED")),
+        "{refused:?}"
+    );
+    let refused = Client::with_options(
+        &direct_user.url(),
+        options(amqp_rpc::ReplyRoute::ExclusiveQueue),
+    )
+    .err()
+    .expect("not granted");
+    assert!(
+        matches!(&refused, Error::Refused { code: 403, .. }),
+        "{refused:?}"
+    );
+    server.shutdown().unwrap();
+
+    // The client's check for a server (a passive declare) needs no grant of its own.
+    let error = client
+        .call_with_timeout(b"12", Duration::from_secs(10))
+        .unwrap_err();
+    assert!(error.is_no_server(), "{error:?}");
 }

@@ -60,6 +60,11 @@ struct Args {
     #[arg(long, default_value_t = 1, requires = "bench")]
     inflight: usize,
 
+    /// Accept replies only from servers running as this broker user (their verified user_id);
+    /// replies from anyone else are dropped and logged at warn.
+    #[arg(long, env = "RPC_SERVER_USER", value_name = "NAME")]
+    server_user: Option<String>,
+
     /// Send TEXT as the request body instead of a Fibonacci request, and print the reply body
     /// as it is.
     #[arg(long, value_name = "TEXT", conflicts_with = "bench")]
@@ -105,6 +110,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         queue: args.broker.queue.clone(),
         timeout: common::seconds(args.timeout),
         no_server_grace: common::seconds(args.no_server_grace),
+        server_user: args.server_user.clone(),
         retry: args.retry,
         reply_route: if args.direct_reply_to {
             ReplyRoute::DirectReplyTo
