@@ -7,6 +7,7 @@
 //! plumbing for the client and the server.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
@@ -27,6 +28,26 @@ pub const AMIQUIP_HANDSHAKE_LOG_TARGET: &str = "amiquip::io_loop::handshake_stat
 /// The URL used when none is given: the local broker's default vhost, as guest.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// TLS settings for `amqps://` URLs, beyond the system's trusted certificate authorities.
+/// The broker's certificate and host name are always verified.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// A PEM file of the certificate authority that signed the broker's certificate, trusted
+    /// besides the system's (a private CA). Default: `None`.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM file of this client's certificate, for brokers that demand one (mutual TLS).
+    /// Default: `None`.
+    pub cert_file: Option<PathBuf>,
+    /// The PEM file of [`TlsOptions::cert_file`]'s private key, in PKCS#8 form (`-----BEGIN
+    /// PRIVATE KEY-----`; `openssl pkcs8 -topk8 -nocrypt` converts an RSA key). Default:
+    /// `None`.
+    pub key_file: Option<PathBuf>,
+    /// Authenticate with SASL EXTERNAL: the broker takes the user from the client
+    /// certificate (RabbitMQ's `rabbitmq_auth_mechanism_ssl` plugin); the URL's user and
+    /// password are not sent. Needs [`TlsOptions::cert_file`]. Default: `false`, PLAIN.
+    pub external_auth: bool,
+}
+
 /// How to open a connection, beyond what the URL says.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -37,6 +58,8 @@ pub struct ConnectOptions {
     pub heartbeat: u16,
     /// The name the connection shows in the broker's management tools. Default: the crate name.
     pub connection_name: String,
+    /// TLS settings for `amqps://` URLs.
+    pub tls: TlsOptions,
 }
 
 impl Default for ConnectOptions {
@@ -45,6 +68,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             heartbeat: 10,
             connection_name: env!("CARGO_PKG_NAME").to_string(),
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -122,10 +146,11 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
 }
 
 /// An open connection, and the user it authenticated as: the `user_id` that the broker lets
-/// its messages carry.
+/// its messages carry. `None` with EXTERNAL authentication, where the broker takes the user
+/// from the client certificate and this crate does not read it.
 pub(crate) struct Connected {
     pub(crate) connection: Connection,
-    pub(crate) user: String,
+    pub(crate) user: Option<String>,
 }
 
 /// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
@@ -213,9 +238,10 @@ impl Brokers {
             match open_address(address, &options) {
                 Ok(connection) => {
                     self.next.store(index + 1, Ordering::Relaxed);
+                    let external = address.tls && options.tls.external_auth;
                     return Ok(Connected {
                         connection,
-                        user: address.username.clone(),
+                        user: (!external).then(|| address.username.clone()),
                     });
                 }
                 Err(error) => {
@@ -240,23 +266,31 @@ impl Brokers {
 /// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
 /// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost).
 fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
+    let external = address.tls && options.tls.external_auth;
+    // Read before connecting: a missing file is a configuration error, not a network one.
+    let connector = if address.tls {
+        Some(tls_connector(address, &options.tls)?)
+    } else {
+        None
+    };
     let stream = connect_tcp(address, options.connect_timeout)?;
-    let amqp_options = ConnectionOptions::<Auth>::default()
-        .auth(Auth::Plain {
+    let auth = if external {
+        Auth::External
+    } else {
+        Auth::Plain {
             username: address.username.clone(),
             password: address.password.clone(),
-        })
+        }
+    };
+    let amqp_options = ConnectionOptions::<Auth>::default()
+        .auth(auth)
         .virtual_host(address.vhost.clone())
         .heartbeat(options.heartbeat)
         .connection_timeout(Some(options.connect_timeout))
         .information(Some(options.connection_name.clone()));
     let stream = mio::net::TcpStream::from_stream(stream)
         .map_err(|source| connect_error(address, source))?;
-    let connection = if address.tls {
-        let connector = native_tls::TlsConnector::new().map_err(|e| Error::Tls {
-            addr: url_for_display(address),
-            reason: format!("cannot set up TLS: {e}"),
-        })?;
+    let connection = if let Some(connector) = connector {
         Connection::open_tls_stream(
             connector,
             &address.host,
@@ -273,11 +307,23 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
             addr: url_for_display(address),
             user: address.username.clone(),
         },
-        // Usually a certificate the system does not trust: set SSL_CERT_FILE to its CA.
+        // Usually a certificate nobody trusts here (TlsOptions::ca_file), or a missing one.
         amiquip::Error::TlsHandshake { source } => Error::Tls {
             addr: url_for_display(address),
-            reason: source.to_string(),
+            reason: explain_tls_failure(&source.to_string()),
         },
+        // With TLS 1.3 a broker that wants a client certificate says so only after the
+        // handshake, by closing the connection with an alert.
+        amiquip::Error::UnexpectedSocketClose | amiquip::Error::IoErrorReadingSocket { .. }
+            if address.tls && options.tls.cert_file.is_none() =>
+        {
+            Error::Tls {
+                addr: url_for_display(address),
+                reason: "the broker closed the connection during the handshake: it may require \
+                         a client certificate (--tls-cert and --tls-key)"
+                    .into(),
+            }
+        }
         amiquip::Error::ConnectionTimeout => connect_error(
             address,
             std::io::Error::new(
@@ -291,6 +337,78 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
     })?;
     debug!("connected to {}", url_for_display(address));
     Ok(connection)
+}
+
+/// A TLS connector that trusts the system's CAs and `tls.ca_file`, and presents
+/// `tls.cert_file` when given.
+fn tls_connector(address: &BrokerAddress, tls: &TlsOptions) -> Result<native_tls::TlsConnector> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the TLS {what} {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(path) = &tls.ca_file {
+        let certificate =
+            native_tls::Certificate::from_pem(&read(path, "CA file")?).map_err(|e| {
+                Error::Config(format!(
+                    "the TLS CA file {} is not a PEM certificate: {e}",
+                    path.display()
+                ))
+            })?;
+        builder.add_root_certificate(certificate);
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let identity = native_tls::Identity::from_pkcs8(
+                &read(cert, "certificate file")?,
+                &read(key, "key file")?,
+            )
+            .map_err(|e| {
+                Error::Config(format!(
+                    "the TLS certificate {} and key {} are not a PEM certificate and its \
+                     PKCS#8 key: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
+            builder.identity(identity);
+        }
+        (None, None) if tls.external_auth => {
+            return Err(Error::Config(
+                "EXTERNAL authentication needs a client certificate and key".into(),
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Config(
+                "a TLS client certificate needs both a certificate and a key file".into(),
+            ));
+        }
+    }
+    builder.build().map_err(|e| Error::Tls {
+        addr: url_for_display(address),
+        reason: format!("cannot set up TLS: {e}"),
+    })
+}
+
+/// OpenSSL's reason for a failed handshake, with what it most likely means in front.
+fn explain_tls_failure(reason: &str) -> String {
+    let meaning = if reason.contains("certificate has expired") {
+        "the broker's certificate has expired"
+    } else if reason.contains("hostname mismatch") || reason.contains("IP address mismatch") {
+        "the broker's certificate is for another host name"
+    } else if reason.contains("certificate verify failed") {
+        "the broker's certificate is not signed by a trusted CA (trust its CA: --tls-ca)"
+    } else if reason.contains("certificate required") || reason.contains("handshake failure") {
+        "the broker requires a client certificate (--tls-cert and --tls-key)"
+    } else {
+        return reason.to_string();
+    };
+    format!("{meaning}: {reason}")
 }
 
 /// Tries each address the host resolves to, in order, and returns the first that connects.

@@ -125,7 +125,7 @@ mod stats;
 mod wire;
 
 pub use client::{Client, ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
-pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL};
+pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL, TlsOptions};
 pub use error::{Error, QueueState, Result};
 pub use headers::{HeaderValue, Headers};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};

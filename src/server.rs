@@ -737,8 +737,8 @@ fn deadline_after(start: Instant, timeout: Duration) -> Instant {
 /// The worker threads of one connection.
 struct Pool {
     stop: Receiver<Stop>,
-    /// The connection's user, which replies carry as `user_id`.
-    user: String,
+    /// The connection's user, which replies carry as `user_id`, when known.
+    user: Option<String>,
     ready_sender: Sender<()>,
     /// One message per worker that has started consuming.
     ready: Receiver<()>,
@@ -751,7 +751,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(stop: Receiver<Stop>, user: String) -> Pool {
+    fn new(stop: Receiver<Stop>, user: Option<String>) -> Pool {
         let (ready_sender, ready) = unbounded();
         let (ended_sender, ended) = unbounded();
         Pool {
@@ -880,8 +880,9 @@ struct Worker {
     channel: Channel,
     service: Arc<Service>,
     stop: Receiver<Stop>,
-    /// The connection's user, which replies carry as `user_id` for the broker to verify.
-    user: String,
+    /// The connection's user, which replies carry as `user_id` for the broker to verify, when
+    /// known.
+    user: Option<String>,
 }
 
 impl Worker {
@@ -1021,7 +1022,10 @@ impl Worker {
                 routing_key: reply_to.to_string(),
                 mandatory: false,
                 immediate: false,
-                properties: properties.with_user_id(self.user.clone()),
+                properties: match &self.user {
+                    Some(user) => properties.with_user_id(user.clone()),
+                    None => properties,
+                },
             },
         );
         // A publish only hands the reply to amiquip: the broker's refusal (a reply too large for

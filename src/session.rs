@@ -14,9 +14,10 @@
 //! passes on when its own calls are done. A lone caller is always the reader, so a sequential
 //! call costs what the tutorial's loop costs: a dispatcher thread instead cost sequential
 //! calls one thread hand-off each, 12% of their rate (2,337 against 2,655 calls/s, medians of
-//! three interleaved rounds on 2 cores), and gained nothing with 8 or 64 threads. Replies that
-//! arrive while nobody waits (late answers to calls that timed out) wait in the consumer's
-//! channel until the next reader drops them.
+//! three interleaved rounds on 2 cores), and gained nothing with 8 or 64 threads. Once no call
+//! has waited for a while, a thread of the session's own takes the reader role in short turns
+//! and drops what arrives (late answers to calls that timed out, strays, a hostile peer's
+//! flood), so that nothing piles up between calls; a busy client never sees it.
 //!
 //! **Publishing.** amiquip's `Channel` is not `Sync`, so the channel sits behind a mutex that
 //! is held only for the publish itself (about 5 µs: the frame goes to amiquip's I/O thread, not
@@ -34,6 +35,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{
@@ -157,6 +159,8 @@ struct Awaited {
     timed_out: VecDeque<String>,
     /// True while some caller holds the reader role.
     reading: bool,
+    /// When a call last started, for the idle drain.
+    last_call: Option<Instant>,
     /// Why the session broke, once it has.
     broken: Option<Error>,
 }
@@ -175,11 +179,20 @@ impl Awaited {
     }
 }
 
-/// State that the callers share.
+/// The reply side of a session, which the callers share, and the idle drain (see
+/// [`drain_while_idle`]).
 struct Shared {
     awaited: Mutex<Awaited>,
-    /// The client's counters, for late and stray replies.
+    /// The client's counters, for late, stray and rejected replies.
     counters: Arc<ClientCounters>,
+    /// The reply consumer's messages, read by the reader.
+    replies: Receiver<ConsumerMessage>,
+    /// Requests the broker could not route, read by the reader.
+    returns: Receiver<Return>,
+    /// [`ClientOptions::max_reply`].
+    max_reply: usize,
+    /// [`ClientOptions::server_user`].
+    server_user: Option<String>,
 }
 
 impl Shared {
@@ -244,30 +257,108 @@ impl Shared {
         }
         awaited.broken.get_or_insert(error);
     }
+
+    /// As the reader: reads the next reply or returned request and hands it to the call that
+    /// awaits it, or waits until `deadline` for one. When the consumer has ended, breaks the
+    /// session: every waiting call, the reader's own too, is told [`Event::Lost`].
+    fn read(&self, deadline: Instant) {
+        // Waiting on the reply channel alone costs far less than `select!` over it and the
+        // returns channel (a third of the futex calls). Replies usually follow each other
+        // closely, so wait on them alone for QUICK first, and look at the returns after each
+        // reply without waiting; when no reply comes for QUICK, wait on both.
+        const QUICK: Duration = Duration::from_millis(5);
+        // Replies handed out under one lock, at most, before the reader looks at its own.
+        const MOST_AT_ONCE: usize = 64;
+        let message = match self
+            .replies
+            .recv_deadline(deadline.min(Instant::now() + QUICK))
+        {
+            Ok(message) => Ok(message),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+            Err(RecvTimeoutError::Timeout) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                select! {
+                    recv(self.replies) -> message => message.map_err(|_| ()),
+                    recv(self.returns) -> returned => match returned {
+                        Ok(returned) => {
+                            self.answer(vec![returned_outcome(returned)]);
+                            return;
+                        }
+                        Err(_) => Err(()),
+                    },
+                    default(remaining) => return,
+                }
+            }
+        };
+        let mut outcomes = Vec::new();
+        let mut next = message;
+        // Take every reply already there, so that one lock serves them all.
+        let ended = loop {
+            match next {
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    if self.is_from_the_server(&delivery) {
+                        outcomes.push(reply_outcome(delivery, self.max_reply));
+                    }
+                }
+                Ok(other) => break Some(consumer_ended(other)),
+                Err(()) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
+            }
+            if outcomes.len() == MOST_AT_ONCE {
+                // The rest wait for the next read: the reader must look at its own answers.
+                break None;
+            }
+            match self.replies.try_recv() {
+                Ok(message) => next = Ok(message),
+                Err(crossbeam_channel::TryRecvError::Empty) => break None,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    break Some(Error::lost(amiquip::Error::EventLoopDropped));
+                }
+            }
+        };
+        while let Ok(returned) = self.returns.try_recv() {
+            outcomes.push(returned_outcome(returned));
+        }
+        self.answer(outcomes);
+        if let Some(error) = ended {
+            self.break_with(error);
+        }
+    }
+
+    /// True when `reply` may be trusted: [`ClientOptions::server_user`] is not set, or the
+    /// reply's `user_id` (which the broker verifies) names that user. Other replies are
+    /// counted and logged at warn; their calls go on waiting for the real reply.
+    fn is_from_the_server(&self, reply: &Delivery) -> bool {
+        let Some(expected) = &self.server_user else {
+            return true;
+        };
+        let user = reply.properties.user_id().as_deref();
+        if user == Some(expected.as_str()) {
+            return true;
+        }
+        ClientCounters::add(&self.counters.rejected_replies, 1);
+        warn!(
+            "dropping a reply to {:?} from user {user:?}, not from the servers' user \
+             '{expected}'",
+            reply.properties.correlation_id()
+        );
+        false
+    }
 }
 
 /// A connection with its publishing channel and reply consumer.
 pub(crate) struct Session {
     /// The channel every caller publishes on; it also carries the reply consumer.
     channel: Mutex<Channel>,
-    /// The reply consumer's messages, read by the reader.
-    replies: Receiver<ConsumerMessage>,
-    /// Requests the broker could not route, read by the reader.
-    returns: Receiver<Return>,
     /// `None` once closed.
     connection: Mutex<Option<Connection>>,
     reply_to: String,
     /// The server queue, as the routing key of requests.
     queue: String,
-    shared: Shared,
+    shared: Arc<Shared>,
     /// For asking the broker about the server queue.
     probe: Mutex<Probe>,
-    /// [`ClientOptions::max_reply`].
-    max_reply: usize,
-    /// The connection's user, which requests carry as `user_id`.
-    user: String,
-    /// [`ClientOptions::server_user`].
-    server_user: Option<String>,
+    /// The connection's user, which requests carry as `user_id`, when known.
+    user: Option<String>,
 }
 
 /// A channel for passive declares of the server queue, and the last answer.
@@ -316,22 +407,28 @@ impl Session {
         let replies = consumer.receiver().clone();
         // Never cancelled and never dropped: see the module documentation.
         std::mem::forget(consumer);
+        let shared = Arc::new(Shared {
+            awaited: Mutex::default(),
+            counters: Arc::clone(counters),
+            replies,
+            returns,
+            max_reply: options.max_reply,
+            server_user: options.server_user.clone(),
+        });
+        let idle = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("rpc-client-idle".into())
+            .spawn(move || drain_while_idle(&idle))
+            .map_err(|e| Error::Internal(format!("cannot start the client's idle thread: {e}")))?;
         debug!("client ready, replies to {reply_to}");
         Ok(Session {
             channel: Mutex::new(channel),
-            replies,
-            returns,
             connection: Mutex::new(Some(connection)),
             reply_to,
             queue: options.queue.clone(),
-            shared: Shared {
-                awaited: Mutex::default(),
-                counters: Arc::clone(counters),
-            },
+            shared,
             probe: Mutex::default(),
-            max_reply: options.max_reply,
             user,
-            server_user: options.server_user.clone(),
         })
     }
 
@@ -362,6 +459,7 @@ impl Session {
             if let Some(error) = &awaited.broken {
                 return Err(error.clone());
             }
+            awaited.last_call = Some(Instant::now());
             for (index, call, left) in calls {
                 let id = Uuid::new_v4().to_string();
                 let waiter = Waiter {
@@ -390,8 +488,10 @@ impl Session {
     }
 
     fn publish(&self, call: &Call, correlation_id: &str, left: Duration) -> Result<()> {
-        let properties = wire::request_properties(call, &self.reply_to, correlation_id, left)
-            .with_user_id(self.user.clone());
+        let mut properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
+        if let Some(user) = &self.user {
+            properties = properties.with_user_id(user.clone());
+        }
         let publish = Publish {
             body: &call.body,
             routing_key: self.queue.clone(),
@@ -488,89 +588,9 @@ impl Session {
     }
 
     /// As the reader: reads the next reply or returned request and hands it to the call that
-    /// awaits it, or waits until `deadline` for one. When the consumer has ended, breaks the
-    /// session: every waiting call, the reader's own too, is told [`Event::Lost`].
+    /// awaits it, or waits until `deadline` for one; see [`Shared::read`].
     pub(crate) fn read(&self, deadline: Instant) {
-        // Waiting on the reply channel alone costs far less than `select!` over it and the
-        // returns channel (a third of the futex calls). Replies usually follow each other
-        // closely, so wait on them alone for QUICK first, and look at the returns after each
-        // reply without waiting; when no reply comes for QUICK, wait on both.
-        const QUICK: Duration = Duration::from_millis(5);
-        // Replies handed out under one lock, at most, before the reader looks at its own.
-        const MOST_AT_ONCE: usize = 64;
-        let message = match self
-            .replies
-            .recv_deadline(deadline.min(Instant::now() + QUICK))
-        {
-            Ok(message) => Ok(message),
-            Err(RecvTimeoutError::Disconnected) => Err(()),
-            Err(RecvTimeoutError::Timeout) => {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                select! {
-                    recv(self.replies) -> message => message.map_err(|_| ()),
-                    recv(self.returns) -> returned => match returned {
-                        Ok(returned) => {
-                            self.shared.answer(vec![returned_outcome(returned)]);
-                            return;
-                        }
-                        Err(_) => Err(()),
-                    },
-                    default(remaining) => return,
-                }
-            }
-        };
-        let mut outcomes = Vec::new();
-        let mut next = message;
-        // Take every reply already there, so that one lock serves them all.
-        let ended = loop {
-            match next {
-                Ok(ConsumerMessage::Delivery(delivery)) => {
-                    if self.is_from_the_server(&delivery) {
-                        outcomes.push(reply_outcome(delivery, self.max_reply));
-                    }
-                }
-                Ok(other) => break Some(consumer_ended(other)),
-                Err(()) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
-            }
-            if outcomes.len() == MOST_AT_ONCE {
-                // The rest wait for the next read: the reader must look at its own answers.
-                break None;
-            }
-            match self.replies.try_recv() {
-                Ok(message) => next = Ok(message),
-                Err(crossbeam_channel::TryRecvError::Empty) => break None,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    break Some(Error::lost(amiquip::Error::EventLoopDropped));
-                }
-            }
-        };
-        while let Ok(returned) = self.returns.try_recv() {
-            outcomes.push(returned_outcome(returned));
-        }
-        self.shared.answer(outcomes);
-        if let Some(error) = ended {
-            self.shared.break_with(error);
-        }
-    }
-
-    /// True when `reply` may be trusted: [`ClientOptions::server_user`] is not set, or the
-    /// reply's `user_id` (which the broker verifies) names that user. Other replies are
-    /// counted and logged at warn; their calls go on waiting for the real reply.
-    fn is_from_the_server(&self, reply: &Delivery) -> bool {
-        let Some(expected) = &self.server_user else {
-            return true;
-        };
-        let user = reply.properties.user_id().as_deref();
-        if user == Some(expected.as_str()) {
-            return true;
-        }
-        ClientCounters::add(&self.shared.counters.rejected_replies, 1);
-        warn!(
-            "dropping a reply to {:?} from user {user:?}, not from the servers' user \
-             '{expected}'",
-            reply.properties.correlation_id()
-        );
-        false
+        self.shared.read(deadline);
     }
 
     /// Closes the connection, which ends the reply consumer.
@@ -607,6 +627,58 @@ impl Drop for Session {
         if let Err(error) = self.close() {
             debug!("closing the client quietly: {error}");
         }
+    }
+}
+
+/// Once no call has waited for `IDLE` (so never between the calls of a busy client), takes
+/// the reader role for a `TURN` and drops what comes (late replies, strays, a flood from a
+/// hostile peer), so that nothing piles up in the reply consumer between calls; ends when the
+/// connection does. While it holds the role, a call that begins waits as a follower: its reply
+/// is handed to it as usual, and the role passes to it at the end of the turn, so the first
+/// call after an idle spell can wait up to `TURN` longer. Two threads never read at once: a
+/// reader blocked on the consumer would not see an answer that another put in its mailbox.
+fn drain_while_idle(shared: &Shared) {
+    const IDLE: Duration = Duration::from_millis(50);
+    const TURN: Duration = Duration::from_millis(10);
+    loop {
+        {
+            let mut awaited = shared.awaited();
+            if awaited.broken.is_some() {
+                return;
+            }
+            let idle_for = if awaited.reading || !awaited.calls.is_empty() {
+                Duration::ZERO
+            } else {
+                awaited.last_call.map_or(IDLE, |last| last.elapsed())
+            };
+            if idle_for < IDLE {
+                drop(awaited);
+                thread::sleep(IDLE - idle_for);
+                continue;
+            }
+            awaited.reading = true;
+        }
+        let ended = match shared.replies.recv_timeout(TURN) {
+            Ok(ConsumerMessage::Delivery(delivery)) => {
+                if shared.is_from_the_server(&delivery) {
+                    shared.answer(vec![reply_outcome(delivery, shared.max_reply)]);
+                }
+                None
+            }
+            Ok(other) => Some(consumer_ended(other)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Some(Error::lost(amiquip::Error::EventLoopDropped))
+            }
+        };
+        while let Ok(returned) = shared.returns.try_recv() {
+            shared.answer(vec![returned_outcome(returned)]);
+        }
+        if let Some(error) = ended {
+            return shared.break_with(error);
+        }
+        // The turn is over: to a call that began meanwhile, or to nobody.
+        shared.awaited().pass_reading_on();
     }
 }
 

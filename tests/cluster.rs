@@ -412,3 +412,118 @@ fn a_reply_too_large_for_the_broker_is_answered_with_an_error_and_never_loops() 
     assert_eq!(proxy.connections(), 1, "the server kept its connection");
     server.shutdown().unwrap();
 }
+
+/// The test cluster's TLS files (scripts/cluster makes them).
+fn tls_file(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var("CLUSTER_DIR").unwrap_or_else(|_| "/tmp/amqp-rpc-cluster".into());
+    let path = std::path::Path::new(&dir).join("tls").join(name);
+    assert!(
+        path.exists(),
+        "no {}: scripts/cluster up makes it",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn tls_is_set_in_the_api_and_the_binaries_and_each_failure_says_which() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-tls-options");
+    let _guard = ClusterQueue(queue.clone());
+    // The server on node c2's plain listener; clients over TLS to c1 (server certificate only)
+    // and to c2 (which demands a client certificate and accepts EXTERNAL).
+    let server = classic_server(&url(1), &queue, ServerOptions::default());
+    let client = |url: &str, flags: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_client"))
+            .args(["--url", url, "--queue", &queue])
+            .args(flags)
+            .arg("30")
+            // Nothing trusted by the environment: only what the flags say.
+            .env_remove("SSL_CERT_FILE")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ca, other_ca) = (tls_file("ca.pem"), tls_file("other-ca.pem"));
+    let (cert, key) = (tls_file("client.pem"), tls_file("client.key"));
+    let path = |file: &std::path::PathBuf| file.to_str().unwrap().to_string();
+    let c1 = "amqps://guest:guest@localhost:5691/%2f";
+    let c2 = "amqps://guest:guest@localhost:5692/%2f";
+
+    let (ok, stdout, stderr) = client(c1, &["--tls-ca", &path(&ca)]);
+    assert!(ok && stdout.contains(" [.] Got 832040"), "{stderr}");
+
+    let (ok, _, stderr) = client(c1, &["--tls-ca", &path(&other_ca)]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("error: TLS handshake with amqps://guest@localhost:5691 failed: the broker's certificate is not signed by a trusted CA"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+
+    let (ok, _, stderr) = client(c2, &["--tls-ca", &path(&ca)]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("error: TLS handshake with amqps://guest@localhost:5692 failed")
+            && stderr.contains("client certificate"),
+        "{stderr}"
+    );
+
+    let mutual = [
+        "--tls-ca",
+        &path(&ca),
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+    ];
+    let (ok, stdout, stderr) = client(c2, &mutual);
+    assert!(
+        ok && stdout.contains(" [.] Got 832040"),
+        "mutual TLS: {stderr}"
+    );
+    let external = [&mutual[..], &["--tls-external"]].concat();
+    let (ok, stdout, stderr) = client("amqps://localhost:5692/%2f", &external);
+    assert!(
+        ok && stdout.contains(" [.] Got 832040"),
+        "EXTERNAL: {stderr}"
+    );
+
+    // The same through the library's options.
+    let options = ClientOptions {
+        queue: queue.clone(),
+        connect: amqp_rpc::ConnectOptions {
+            tls: amqp_rpc::TlsOptions {
+                ca_file: Some(ca.clone()),
+                cert_file: Some(cert.clone()),
+                key_file: Some(key.clone()),
+                external_auth: true,
+            },
+            ..amqp_rpc::ConnectOptions::default()
+        },
+        ..ClientOptions::default()
+    };
+    let library = amqp_rpc::Client::with_options("amqps://localhost:5692/%2f", options).unwrap();
+    assert_eq!(library.call(b"10").unwrap(), b"55");
+    let missing = amqp_rpc::ClientOptions {
+        connect: amqp_rpc::ConnectOptions {
+            tls: amqp_rpc::TlsOptions {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                ..amqp_rpc::TlsOptions::default()
+            },
+            ..amqp_rpc::ConnectOptions::default()
+        },
+        ..ClientOptions::default()
+    };
+    let error = amqp_rpc::Client::with_options(c1, missing).err().unwrap();
+    assert!(
+        error.is_config() && error.to_string().contains("/nonexistent/ca.pem"),
+        "{error}"
+    );
+    server.shutdown().unwrap();
+}

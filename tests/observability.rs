@@ -108,9 +108,11 @@ fn client_and_server_statistics_equal_what_was_done() {
     assert_eq!(counts.replies.errors.bad_request, 2);
     assert_eq!(counts.replies.errors.total(), 2);
     assert_eq!(counts.handler_time.count, 9);
+    // Held from just after the call began until just after its 300 ms timeout.
     assert!(
-        counts.handler_time.max >= Duration::from_millis(300),
-        "the held request"
+        counts.handler_time.max >= Duration::from_millis(250),
+        "the held request: {:?}",
+        counts.handler_time
     );
     assert_eq!((counts.redeliveries, counts.skipped_past_deadline), (0, 0));
     assert_eq!(counts.workers_busy, 0);
@@ -272,7 +274,8 @@ fn the_server_binary_logs_the_trace_id_and_serves_metrics_when_asked() {
         .args(["--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "amqp_rpc=debug")
         .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut server = spawn_until_ready(command, "Metrics on http://");
+    // The metrics line comes first; wait for the last start-up line.
+    let mut server = spawn_until_ready(command, "Awaiting RPC requests");
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let output = Command::new(python)
         .args([

@@ -406,3 +406,22 @@ fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_ref
         .unwrap_err();
     assert!(error.is_no_server(), "{error:?}");
 }
+
+#[test]
+fn replies_that_flood_an_idle_client_are_dropped_not_kept() {
+    const FLOOD: usize = 10_000;
+    let queue = unique_queue("flood");
+    let _guard = QueueGuard(queue.clone());
+    // A hostile server: answers the call, then floods the caller's reply queue with replies
+    // nobody awaits, after the call has returned.
+    let mut replies: Vec<(common::ReplyId, &'static [u8])> = vec![(common::ReplyId::Own, b"real")];
+    replies.extend((0..FLOOD).map(|_| (common::ReplyId::Other("nobody's"), &b"flood"[..])));
+    let peer = common::scripted_peer(&queue, vec![replies]);
+    let client = common::client_for(&queue, Duration::from_secs(30));
+    assert_eq!(client.call(b"x").unwrap(), b"real");
+    peer.join().unwrap();
+    // No call waits; the flood is drained all the same, not kept until the next call.
+    common::wait_until("the whole flood is dropped", || {
+        client.stats().stray_replies == FLOOD as u64
+    });
+}

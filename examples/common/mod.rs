@@ -1,5 +1,6 @@
 //! What the serving examples share: the broker flag, logging, and serving until a signal.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use amqp_rpc::Server;
@@ -39,7 +40,10 @@ pub fn main_with(run: impl FnOnce() -> amqp_rpc::Result<()>) -> ExitCode {
 ///
 /// `signals` must be installed before the server starts, so that none is lost during start-up.
 pub fn serve_until_signalled(server: Server, mut signals: Signals) -> amqp_rpc::Result<()> {
-    println!(" [x] Awaiting RPC requests");
+    // A closed stdout must not stop a running server.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, " [x] Awaiting RPC requests");
+    let _ = stdout.flush();
     let shutdown = server.shutdown_handle();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {

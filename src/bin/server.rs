@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use amqp_rpc::{QueueOptions, QueueType, Request, Server, ServerOptions, fib};
@@ -107,6 +108,7 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         ..ServerOptions::default()
     };
     options.connect.heartbeat = args.heartbeat;
+    options.connect.tls = args.broker.tls();
     // Installed first, so that a signal during start-up is not lost: it stops the server as
     // soon as it has started.
     let mut signals = Signals::new([SIGINT, SIGTERM])
@@ -126,10 +128,13 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
             },
         )
         .start()?;
+    // A closed stdout (a supervisor that stopped reading) must not stop a running server.
+    let mut stdout = std::io::stdout();
     if let Some(address) = server.metrics_addr() {
-        println!(" [x] Metrics on http://{address}/metrics");
+        let _ = writeln!(stdout, " [x] Metrics on http://{address}/metrics");
     }
-    println!(" [x] Awaiting RPC requests");
+    let _ = writeln!(stdout, " [x] Awaiting RPC requests");
+    let _ = stdout.flush();
 
     let shutdown = server.shutdown_handle();
     std::thread::spawn(move || {

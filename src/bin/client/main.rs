@@ -111,6 +111,10 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
         timeout: common::seconds(args.timeout),
         no_server_grace: common::seconds(args.no_server_grace),
         server_user: args.server_user.clone(),
+        connect: amqp_rpc::ConnectOptions {
+            tls: args.broker.tls(),
+            ..amqp_rpc::ConnectOptions::default()
+        },
         retry: args.retry,
         reply_route: if args.direct_reply_to {
             ReplyRoute::DirectReplyTo

@@ -1,5 +1,6 @@
 //! What both binaries do around their work: set up logging, report errors, pick an exit code.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,9 +25,37 @@ pub struct BrokerArgs {
     /// The server queue.
     #[arg(long, env = "RPC_QUEUE", default_value = amqp_rpc::DEFAULT_QUEUE)]
     pub queue: String,
+
+    /// amqps://: a PEM file of the CA that signed the broker's certificate, trusted besides
+    /// the system's.
+    #[arg(long, env = "AMQP_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// amqps://: this client's certificate (PEM), for brokers that demand one.
+    #[arg(long, env = "AMQP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// amqps://: the private key of --tls-cert, PEM in PKCS#8 form (BEGIN PRIVATE KEY).
+    #[arg(long, env = "AMQP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// amqps://: authenticate with SASL EXTERNAL, as the user the client certificate names,
+    /// instead of the URL's user and password.
+    #[arg(long, env = "AMQP_TLS_EXTERNAL", requires = "tls_cert")]
+    pub tls_external: bool,
 }
 
 impl BrokerArgs {
+    /// The TLS settings of these flags.
+    pub fn tls(&self) -> amqp_rpc::TlsOptions {
+        amqp_rpc::TlsOptions {
+            ca_file: self.tls_ca.clone(),
+            cert_file: self.tls_cert.clone(),
+            key_file: self.tls_key.clone(),
+            external_auth: self.tls_external,
+        }
+    }
+
     /// The URLs as the library takes them: separated by commas.
     pub fn url_list(&self) -> String {
         self.urls.join(",")
