@@ -126,6 +126,31 @@ fn the_binaries_show_no_password_in_help_or_in_logs_at_trace() {
         !stderr.contains("wrong-pw-1234"),
         "the password leaked:\n{stderr}"
     );
+
+    // A malformed URL and a refused connection, at trace, from both binaries.
+    let (host, _) = host_and_port(&require_broker());
+    for url in [
+        format!("amqp://guest:{}@{host}:99999/%2f", user.password),
+        format!("amqp://guest:{}@127.0.0.1:1/%2f", user.password),
+    ] {
+        for binary in [env!("CARGO_BIN_EXE_client"), env!("CARGO_BIN_EXE_server")] {
+            let mut command = Command::new(binary);
+            command
+                .args(["--url", &url, "--queue", &queue])
+                .env("RUST_LOG", "trace");
+            if binary.ends_with("client") {
+                command.arg("10");
+            }
+            let output = command.output().unwrap();
+            let (stdout, stderr) = text(&output);
+            assert!(!output.status.success(), "{binary} {url}");
+            assert!(stderr.contains("error: "), "{stderr}");
+            assert!(
+                !stdout.contains(&user.password) && !stderr.contains(&user.password),
+                "{binary} leaked the password:\n{stderr}"
+            );
+        }
+    }
     server.shutdown().unwrap();
 }
 
