@@ -444,10 +444,11 @@ fn a_broker_address_that_never_speaks_amqp_fails_within_the_connect_timeout() {
     );
 }
 
-#[test]
-fn reconnecting_inside_a_call_stays_within_the_calls_timeout() {
-    let queue = unique_queue("reconnect-deadline");
-    let _guard = QueueGuard(queue.clone());
+/// A Fibonacci server of a new queue, and a client of it whose connection goes through a
+/// fault-injecting proxy; the client has made one call.
+fn proxied_client(purpose: &str) -> (QueueGuard, Server, FaultProxy, Client) {
+    let queue = unique_queue(purpose);
+    let guard = QueueGuard(queue.clone());
     let server = start_fib_server(&queue, 1);
     let proxy = FaultProxy::start(&require_broker());
     let client = Client::with_options(
@@ -456,6 +457,12 @@ fn reconnecting_inside_a_call_stays_within_the_calls_timeout() {
     )
     .unwrap();
     assert_eq!(client.call(b"10").unwrap(), b"55");
+    (guard, server, proxy, client)
+}
+
+#[test]
+fn reconnecting_inside_a_call_stays_within_the_calls_timeout() {
+    let (_guard, server, proxy, client) = proxied_client("reconnect-deadline");
     // The connection goes; new ones are accepted, and never answered.
     proxy.freeze();
     proxy.cut_all();
@@ -476,16 +483,8 @@ fn reconnecting_inside_a_call_stays_within_the_calls_timeout() {
 
 #[test]
 fn when_reconnecting_fails_every_call_gets_the_real_connect_error() {
-    let queue = unique_queue("reconnect-refused");
-    let _guard = QueueGuard(queue.clone());
-    let server = start_fib_server(&queue, 1);
-    let proxy = FaultProxy::start(&require_broker());
-    let client = Client::with_options(
-        &proxy.url(),
-        options(&queue, Duration::from_secs(10), Duration::from_secs(1)),
-    )
-    .unwrap();
-    assert_eq!(client.call(b"10").unwrap(), b"55");
+    let (guard, server, proxy, client) = proxied_client("reconnect-refused");
+    let queue = guard.0.clone();
     proxy.refuse_new();
     proxy.cut_all();
     wait_until("the client sees its connection gone", || {
