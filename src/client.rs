@@ -24,85 +24,12 @@ use std::time::{Duration, Instant};
 use log::debug;
 use num_bigint::BigUint;
 
-use crate::connect::{Brokers, ConnectOptions};
+use crate::client_options::ClientOptions;
+use crate::connect::Brokers;
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
-use crate::wire::DEFAULT_QUEUE;
-
-/// How a [`Client`] connects and calls.
-#[derive(Clone, Debug)]
-pub struct ClientOptions {
-    /// The queue the server consumes, used as the routing key on the default exchange.
-    /// Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
-    pub queue: String,
-    /// How long a call waits for its reply before it returns [`Error::Timeout`], unless the
-    /// call sets its own ([`Call::with_timeout`]). Default: 10 s.
-    pub timeout: Duration,
-    /// Whether a request whose connection is lost before its reply arrives is sent again once
-    /// the client has reconnected, within the call's timeout. Default: `false`.
-    ///
-    /// Safe only for idempotent requests (Fibonacci is): the lost request may already have
-    /// been served, or may still be, so the server can run it twice.
-    pub retry: bool,
-    /// How replies come back. Default: [`ReplyRoute::ExclusiveQueue`].
-    pub reply_route: ReplyRoute,
-    /// How long a call waits before it asks the broker whether any server consumes the server
-    /// queue; when none does and requests wait in it, the call fails with
-    /// [`Error::NoServer`] instead of waiting out its whole timeout. (When none consumes but
-    /// the queue is empty, the request was taken by a server that is draining: the call waits
-    /// for its reply.) A server that restarts within the grace fails nothing. The broker is
-    /// asked only for calls still unanswered after the grace, at most once a second per
-    /// client. `Duration::ZERO` turns the check off. Default: 1 s.
-    pub no_server_grace: Duration,
-    /// The most calls this client (all its clones together) keeps in flight; a call past the
-    /// limit fails at once with [`Error::Overloaded`] instead of queueing without bound.
-    /// Default: `None`, no limit.
-    pub max_in_flight: Option<usize>,
-    /// The user the servers run as. When set, only replies whose `user_id` names this user
-    /// are accepted (the broker refuses a `user_id` that is not the publishing connection's
-    /// user, so it cannot be forged); any other reply is dropped, counted
-    /// ([`ClientStats::rejected_replies`]) and logged at warn, and its call goes on waiting
-    /// for the real one. Default: `None`, every reply with the awaited `correlation_id` is
-    /// accepted, as the tutorial's peers expect (they set no `user_id`).
-    pub server_user: Option<String>,
-    /// The largest reply body accepted, in bytes; a larger reply fails its call with
-    /// [`Error::InvalidReply`]. Default: 16 MiB (fib(10,000,000)'s 2 MB reply passes).
-    pub max_reply: usize,
-    /// TCP and AMQP connection settings.
-    pub connect: ConnectOptions,
-}
-
-/// The default [`ClientOptions::max_reply`]: 16 MiB.
-pub const DEFAULT_MAX_REPLY: usize = 16 * 1024 * 1024;
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            queue: DEFAULT_QUEUE.to_string(),
-            timeout: Duration::from_secs(10),
-            retry: false,
-            reply_route: ReplyRoute::default(),
-            no_server_grace: Duration::from_secs(1),
-            max_in_flight: None,
-            max_reply: DEFAULT_MAX_REPLY,
-            server_user: None,
-            connect: ConnectOptions::default(),
-        }
-    }
-}
-
-/// Where a server's replies are sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ReplyRoute {
-    /// An exclusive, server-named queue per client, deleted with its connection (the tutorial).
-    #[default]
-    ExclusiveQueue,
-    /// RabbitMQ's `amq.rabbitmq.reply-to` pseudo-queue: no queue to declare, replies go straight
-    /// to the client's channel. A reply whose client has gone is dropped by the broker.
-    DirectReplyTo,
-}
 
 /// How long a retrying call waits before it tries a refused broker again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);

@@ -313,8 +313,11 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
             reason: explain_tls_failure(&source.to_string()),
         },
         // With TLS 1.3 a broker that wants a client certificate says so only after the
-        // handshake, by closing the connection with an alert.
-        amiquip::Error::UnexpectedSocketClose | amiquip::Error::IoErrorReadingSocket { .. }
+        // handshake, by closing (or resetting) the connection with an alert, which amiquip
+        // sees as a close while reading or a reset while writing.
+        amiquip::Error::UnexpectedSocketClose
+        | amiquip::Error::IoErrorReadingSocket { .. }
+        | amiquip::Error::IoErrorWritingSocket { .. }
             if address.tls && options.tls.cert_file.is_none() =>
         {
             Error::Tls {

@@ -8,6 +8,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// The W3C trace context header that names the trace and the caller's span; a server copies
+/// it from a request onto the reply.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The W3C trace context header with vendor-specific trace data; copied like
+/// [`TRACEPARENT_HEADER`].
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
 /// One header value.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]

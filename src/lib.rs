@@ -110,6 +110,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod client_options;
 mod connect;
 mod consumer;
 mod endpoint;
@@ -124,10 +125,11 @@ mod session;
 mod stats;
 mod wire;
 
-pub use client::{Client, ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
+pub use client::Client;
+pub use client_options::{ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
 pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL, TlsOptions};
 pub use error::{Error, QueueState, Result};
-pub use headers::{HeaderValue, Headers};
+pub use headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};
 pub use server::{
     DEFAULT_MAX_BODY, DEFAULT_REPLY_TO, Handler, QueueOptions, QueueType, Server, ServerBuilder,
@@ -138,5 +140,4 @@ pub use stats::{
 };
 pub use wire::{
     DEADLINE_HEADER, DEFAULT_QUEUE, ERROR_HEADER, ERROR_KIND_HEADER, JSON_CONTENT_TYPE,
-    TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::headers::{HeaderValue, Headers};
+use crate::headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 
 /// A request as a client sends it: a body and optional metadata.
 ///
@@ -164,12 +164,12 @@ impl Request {
     /// The W3C `traceparent` header, when the caller sent one (OpenTelemetry-instrumented
     /// peers do); the server copies it onto the reply.
     pub fn traceparent(&self) -> Option<&str> {
-        self.header_str(crate::wire::TRACEPARENT_HEADER)
+        self.header_str(TRACEPARENT_HEADER)
     }
 
     /// The W3C `tracestate` header, when the caller sent one.
     pub fn tracestate(&self) -> Option<&str> {
-        self.header_str(crate::wire::TRACESTATE_HEADER)
+        self.header_str(TRACESTATE_HEADER)
     }
 
     /// The trace id of [`Request::traceparent`] (its second field, 32 hex digits), when the

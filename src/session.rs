@@ -46,7 +46,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, select};
 use log::{debug, trace, warn};
 use uuid::Uuid;
 
-use crate::client::{ClientOptions, ReplyRoute};
+use crate::client_options::{ClientOptions, ReplyRoute};
 use crate::connect::{Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};

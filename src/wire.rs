@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, AmqpValue, Delivery, FieldTable};
 
-use crate::headers::{HeaderValue, Headers};
+use crate::headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 use crate::message::{Call, FailureKind, HandlerError, Reply, Request};
 
 /// The server queue the tutorial uses.
@@ -32,14 +32,6 @@ pub const ERROR_KIND_HEADER: &str = "error-kind";
 /// The request header that carries the call's absolute deadline: Unix time in milliseconds, a
 /// 64-bit integer. A server does not run the handler for a request whose deadline has passed.
 pub const DEADLINE_HEADER: &str = "deadline";
-
-/// The W3C trace context header that names the trace and the caller's span; a server copies
-/// it from a request onto the reply.
-pub const TRACEPARENT_HEADER: &str = "traceparent";
-
-/// The W3C trace context header with vendor-specific trace data; copied like
-/// [`TRACEPARENT_HEADER`].
-pub const TRACESTATE_HEADER: &str = "tracestate";
 
 /// The largest `expiration` RabbitMQ accepts, in milliseconds.
 const MAX_EXPIRATION_MS: u128 = u32::MAX as u128;
