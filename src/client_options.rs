@@ -14,8 +14,11 @@ pub struct ClientOptions {
     /// The queue the server consumes, used as the routing key on the default exchange.
     /// Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
     pub queue: String,
-    /// How long a call waits for its reply before it returns [`Error::Timeout`](crate::Error::Timeout), unless the
-    /// call sets its own ([`Call::with_timeout`](crate::Call::with_timeout)). Default: 10 s.
+    /// How long a call waits for its reply before it returns [`Error::Timeout`], unless the
+    /// call sets its own ([`Call::with_timeout`]). Default: 10 s.
+    ///
+    /// [`Error::Timeout`]: crate::Error::Timeout
+    /// [`Call::with_timeout`]: crate::Call::with_timeout
     pub timeout: Duration,
     /// Whether a request whose connection is lost before its reply arrives is sent again once
     /// the client has reconnected, within the call's timeout. Default: `false`.
@@ -27,32 +30,40 @@ pub struct ClientOptions {
     pub reply_route: ReplyRoute,
     /// How long a call waits before it asks the broker whether any server consumes the server
     /// queue; when none does and requests wait in it, the call fails with
-    /// [`Error::NoServer`](crate::Error::NoServer) instead of waiting out its whole timeout. (When none consumes but
+    /// [`Error::NoServer`] instead of waiting out its whole timeout. (When none consumes but
     /// the queue is empty, the request was taken by a server that is draining: the call waits
     /// for its reply.) A server that restarts within the grace fails nothing. The broker is
     /// asked only for calls still unanswered after the grace, at most once a second per
     /// client. `Duration::ZERO` turns the check off. Default: 1 s.
+    ///
+    /// [`Error::NoServer`]: crate::Error::NoServer
     pub no_server_grace: Duration,
     /// The most calls this client (all its clones together) keeps in flight; a call past the
-    /// limit fails at once with [`Error::Overloaded`](crate::Error::Overloaded) instead of queueing without bound.
+    /// limit fails at once with [`Error::Overloaded`] instead of queueing without bound.
     /// Default: `None`, no limit.
+    ///
+    /// [`Error::Overloaded`]: crate::Error::Overloaded
     pub max_in_flight: Option<usize>,
     /// The user the servers run as. When set, only replies whose `user_id` names this user
     /// are accepted (the broker refuses a `user_id` that is not the publishing connection's
     /// user, so it cannot be forged); any other reply is dropped, counted
-    /// ([`ClientStats::rejected_replies`](crate::ClientStats::rejected_replies)) and logged at warn, and its call goes on waiting
+    /// ([`ClientStats::rejected_replies`]) and logged at warn, and its call goes on waiting
     /// for the real one. Default: `None`, every reply with the awaited `correlation_id` is
     /// accepted, as the tutorial's peers expect (they set no `user_id`).
+    ///
+    /// [`ClientStats::rejected_replies`]: crate::ClientStats::rejected_replies
     pub server_user: Option<String>,
     /// The largest reply body accepted, in bytes; a larger reply fails its call with
-    /// [`Error::InvalidReply`](crate::Error::InvalidReply). Default: 16 MiB (fib(10,000,000)'s 2 MB reply passes).
+    /// [`Error::InvalidReply`]. Default: 4 MiB (fib(10,000,000)'s 2 MB reply passes).
+    ///
+    /// [`Error::InvalidReply`]: crate::Error::InvalidReply
     pub max_reply: usize,
     /// TCP and AMQP connection settings.
     pub connect: ConnectOptions,
 }
 
-/// The default [`ClientOptions::max_reply`]: 16 MiB.
-pub const DEFAULT_MAX_REPLY: usize = 16 * 1024 * 1024;
+/// The default [`ClientOptions::max_reply`]: 4 MiB.
+pub const DEFAULT_MAX_REPLY: usize = 4 * 1024 * 1024;
 
 impl Default for ClientOptions {
     fn default() -> Self {
