@@ -30,6 +30,7 @@ use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
+use crate::sync::{deadline_after, lock};
 
 /// How long a retrying call waits before it tries a refused broker again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -399,11 +400,7 @@ impl Client {
     }
 
     fn lock_slot(&self) -> MutexGuard<'_, Slot> {
-        // A panic elsewhere while the lock was held leaves the slot whole: keep using it.
-        self.inner
-            .slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner.slot)
     }
 
     /// Asks the server for fib(`n`), with the tutorial's wire format: `n` in decimal out, the
@@ -474,16 +471,6 @@ impl Drop for InFlight<'_> {
             self.counter.fetch_sub(self.calls, AtomicOrdering::AcqRel);
         }
     }
-}
-
-/// The instant `timeout` after `start`; for timeouts too long to represent (`Duration::MAX`),
-/// a century later, which no call waits out.
-fn deadline_after(start: Instant, timeout: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    start
-        .checked_add(timeout)
-        .or_else(|| start.checked_add(CENTURY))
-        .unwrap_or(start + Duration::from_secs(24 * 3600))
 }
 
 impl Batch<'_> {

@@ -14,6 +14,7 @@ use tiny_http::{Header, Response};
 
 use crate::error::{Error, Result};
 use crate::stats::{Health, ServerMetrics};
+use crate::sync::lock;
 
 /// A running endpoint; stopped when dropped.
 pub(crate) struct Endpoint {
@@ -92,10 +93,7 @@ fn respond(
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/health" => {
-            let health = health
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone();
+            let health = lock(health).clone();
             let status = if health.is_serving() { 200 } else { 503 };
             let body = match &health {
                 Health::Reconnecting { reason, .. } => format!("reconnecting: {reason}\n"),

@@ -123,6 +123,7 @@ mod message;
 mod server;
 mod session;
 mod stats;
+mod sync;
 mod wire;
 
 pub use client::Client;

@@ -38,6 +38,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::message::{HandlerError, Reply, Request};
 use crate::stats::{Health, QueueMetrics, ServerMetrics, ServerStats};
+use crate::sync::{deadline_after, lock};
 use crate::wire;
 
 /// Answers requests. An `Err` is sent back to the caller as an error reply.
@@ -216,10 +217,7 @@ pub struct ShutdownHandle {
 impl ShutdownHandle {
     /// Starts a graceful shutdown. Calling it again does nothing.
     pub fn shutdown(&self) {
-        let mut sender = self
-            .sender
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sender = lock(&self.sender);
         if sender.take().is_some() {
             info!("shutting down: finishing in-flight requests");
         }
@@ -725,15 +723,6 @@ impl Supervisor {
     }
 }
 
-/// The instant `timeout` after `start`, or a century later for timeouts too long to represent.
-fn deadline_after(start: Instant, timeout: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    start
-        .checked_add(timeout)
-        .or_else(|| start.checked_add(CENTURY))
-        .unwrap_or(start)
-}
-
 /// The worker threads of one connection.
 struct Pool {
     stop: Receiver<Stop>,
@@ -1070,13 +1059,6 @@ fn reply_key(request: &Request) -> String {
         request.reply_to().unwrap_or_default(),
         request.correlation_id().unwrap_or_default()
     )
-}
-
-/// Locks `mutex`; a panic elsewhere while it was held leaves the map whole.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The text of a panic's payload, when it has one.

@@ -51,6 +51,7 @@ use crate::connect::{Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
+use crate::sync::lock;
 use crate::wire::{self, DIRECT_REPLY_TO};
 
 /// What a waiting caller is told, by the reader or by the session.
@@ -88,9 +89,7 @@ struct Letters {
 
 impl Mailbox {
     fn letters(&self) -> MutexGuard<'_, Letters> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn post(&self, event: Event) {
@@ -197,10 +196,7 @@ struct Shared {
 
 impl Shared {
     fn awaited(&self) -> MutexGuard<'_, Awaited> {
-        // Nothing panics while holding the lock; if something did, the map is still whole.
-        self.awaited
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.awaited)
     }
 
     /// Hands each outcome to the call with its correlation id, if one awaits it. The lock is
@@ -499,10 +495,7 @@ impl Session {
             immediate: false,
             properties,
         };
-        self.channel
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .basic_publish("", publish)?;
+        lock(&self.channel).basic_publish("", publish)?;
         trace!("published request {correlation_id} to {}", self.queue);
         Ok(())
     }
@@ -526,20 +519,14 @@ impl Session {
     /// cannot say.
     pub(crate) fn queue_state(&self) -> Option<QueueState> {
         const FRESH: Duration = Duration::from_secs(1);
-        let mut probe = self
-            .probe
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut probe = lock(&self.probe);
         if let Some((asked, state)) = probe.last
             && asked.elapsed() < FRESH
         {
             return Some(state);
         }
         if probe.channel.is_none() {
-            let mut connection = self
-                .connection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut connection = lock(&self.connection);
             probe.channel = connection.as_mut()?.open_channel(None).ok();
         }
         let answer = probe
@@ -601,18 +588,8 @@ impl Session {
     /// close.
     pub(crate) fn close(&self) -> Result<()> {
         // Closed while the connection still lives.
-        drop(
-            self.probe
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .channel
-                .take(),
-        );
-        let connection = self
-            .connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        drop(lock(&self.probe).channel.take());
+        let connection = lock(&self.connection).take();
         self.shared
             .break_with(Error::lost(amiquip::Error::ClientClosedConnection));
         match connection {
