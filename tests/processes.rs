@@ -147,9 +147,17 @@ fn a_request_whose_server_is_killed_is_answered_by_another() {
     let _guard = QueueGuard(queue.clone());
     let max_n = LONG_N.to_string();
     let mut doomed = start_server_process(&queue, &["--max-n", &max_n]);
+    // Between the kill and the rescuer, nobody consumes: this caller waits it out rather than
+    // fail as "no server" after the default grace, since a server restarting is the point.
     let caller = {
-        let queue = queue.clone();
-        thread::spawn(move || client_for(&queue, Duration::from_secs(60)).fib(LONG_N))
+        let options = amqp_rpc::ClientOptions {
+            queue: queue.clone(),
+            timeout: Duration::from_secs(60),
+            no_server_grace: Duration::ZERO,
+            ..amqp_rpc::ClientOptions::default()
+        };
+        let client = amqp_rpc::Client::with_options(&common::require_broker(), options).unwrap();
+        thread::spawn(move || client.fib(LONG_N))
     };
     // The expected answer, computed meanwhile.
     let expected = thread::spawn(|| fib::fib(LONG_N));
