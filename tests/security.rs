@@ -174,9 +174,12 @@ fn replies_go_only_to_queues_a_client_could_own_unless_allowed() {
             .unwrap();
     };
 
-    // One worker: the forged request is taken before the call that follows it.
     let server = start_fib_server(&queue, 1);
     publish_to_victim(&channel);
+    common::wait_until("the server refuses the forged request", || {
+        server.stats().queues[0].refused_reply_to == 1
+    });
+    // One worker, which had finished with the forged request before serving this call.
     let client = common::client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"11").unwrap(), b"89");
     assert_eq!(
@@ -184,7 +187,7 @@ fn replies_go_only_to_queues_a_client_could_own_unless_allowed() {
         0,
         "nothing written into the victim queue"
     );
-    assert_eq!(server.stats().queues[0].refused_reply_to, 1);
+    assert_eq!(server.stats().queues[0].requests, 2);
     server.shutdown().unwrap();
 
     // Allowed by a pattern, the same request is answered there.
