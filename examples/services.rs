@@ -27,6 +27,10 @@ struct Args {
     /// The queues are PREFIX.fib and PREFIX.stats.
     #[arg(long, default_value = "services")]
     prefix: String,
+
+    /// The largest n PREFIX.fib answers.
+    #[arg(long, default_value_t = fib::DEFAULT_MAX_N)]
+    max_n: u64,
 }
 
 /// A `stats` request.
@@ -61,11 +65,12 @@ fn main() -> ExitCode {
     common::main_with(|| {
         let args = Args::parse();
         let signals = common::signals()?;
+        let max_n = args.max_n;
         let server = Server::builder(&args.broker.url)
             .serve(
                 format!("{}.fib", args.prefix),
                 QueueOptions::with_workers(4),
-                |request: &Request| fib::serve(request, fib::DEFAULT_MAX_N),
+                move |request: &Request| fib::serve(request, max_n),
             )
             .serve(
                 format!("{}.stats", args.prefix),

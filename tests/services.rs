@@ -285,8 +285,12 @@ fn the_services_example_serves_both_and_drains_both_on_sigterm() {
         QueueGuard(fib_queue.clone()),
         QueueGuard(stats_queue.clone()),
     );
+    // A Fibonacci number that keeps a debug-build server busy for seconds, and its value,
+    // computed meanwhile.
+    const LONG_N: u64 = 3_000_000;
+    let expected = thread::spawn(|| fib::fib(LONG_N));
     let mut services = example("services");
-    services.args(["--prefix", &prefix]);
+    services.args(["--prefix", &prefix, "--max-n", &LONG_N.to_string()]);
     let mut server = spawn_until_ready(services, READY);
 
     let output = Command::new(
@@ -307,10 +311,11 @@ fn the_services_example_serves_both_and_drains_both_on_sigterm() {
          stats of []: count 0, sum 0, mean None\n"
     );
 
-    // fib(1,000,000) takes a second or more in this debug build: SIGTERM arrives mid-request.
+    // fib(3,000,000) takes seconds in this debug build: long enough to see the request taken
+    // (polled through rabbitmqctl) and for SIGTERM to arrive mid-request.
     let slow = {
         let queue = fib_queue.clone();
-        thread::spawn(move || client_for(&queue, Duration::from_secs(60)).fib(1_000_000))
+        thread::spawn(move || client_for(&queue, Duration::from_secs(60)).fib(LONG_N))
     };
     wait_until("the server took the request", || {
         unacked_messages(&fib_queue) == 1
@@ -318,7 +323,7 @@ fn the_services_example_serves_both_and_drains_both_on_sigterm() {
     send_signal(&server.0, "TERM");
     let exit = server.0.wait().unwrap();
     assert!(exit.success(), "the services example exited with {exit}");
-    assert_eq!(slow.join().unwrap().unwrap(), fib::fib(1_000_000));
+    assert_eq!(slow.join().unwrap().unwrap(), expected.join().unwrap());
     assert_eq!((consumers(&fib_queue), consumers(&stats_queue)), (0, 0));
     assert_eq!(unacked_messages(&fib_queue), 0);
 }
