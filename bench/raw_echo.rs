@@ -134,7 +134,7 @@ fn main() {
         Some("server") => serve(&args[2], number(3)),
         Some("client") => {
             let (calls, threads, inflight) = (number(3), number(4), number(5));
-            // Like `client --bench`: one connection, a channel per thread.
+            // One connection, a channel per thread (the floor's way to spread calls over threads).
             let connection = Arc::new(Mutex::new(connect()));
             let started = Instant::now();
             let workers: Vec<_> = (0..threads)

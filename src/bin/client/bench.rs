@@ -2,7 +2,8 @@
 //!
 //! Every thread calls through a clone of one [`Client`], the way a program with many calling
 //! threads should. With `inflight` above 1 a thread sends its calls in batches of that size
-//! with [`Client::call_many`], and every call of a batch is counted with the batch's latency. Errors are counted, not fatal: a call that fails is followed by the next (which
+//! with [`Client::call_many`], and every call of a batch is counted with the batch's
+//! latency. Errors are counted, not fatal: a call that fails is followed by the next (which
 //! reconnects if the connection was lost).
 
 use std::fmt;
@@ -18,7 +19,7 @@ use amqp_rpc::{Client, ClientOptions, ClientStats, Error, Result};
 pub struct BenchOptions {
     /// Calls in all, shared out between the threads.
     pub calls: usize,
-    /// Threads, each with its own client (and channel) on one shared connection.
+    /// Threads, all calling through clones of one client.
     pub threads: usize,
     /// Calls each thread keeps in flight at once.
     pub inflight: usize,

@@ -51,8 +51,8 @@ struct Args {
     #[arg(long, default_value_t = 10_000, requires = "bench")]
     calls: usize,
 
-    /// With --bench: threads, each with its own channel on one shared connection, making calls
-    /// one after another.
+    /// With --bench: threads, all calling through one shared client (one connection, one
+    /// channel), each making its calls one after another.
     #[arg(long, default_value_t = 1, requires = "bench")]
     threads: usize,
 
