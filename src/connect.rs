@@ -8,10 +8,10 @@
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use amiquip::{AmqpProperties, Auth, Connection, ConnectionOptions, ConnectionTuning, Publish};
 
 use log::{debug, warn};
 use url::Url;
@@ -46,6 +46,19 @@ pub struct TlsOptions {
     /// certificate (RabbitMQ's `rabbitmq_auth_mechanism_ssl` plugin); the URL's user and
     /// password are not sent. Needs [`TlsOptions::cert_file`]. Default: `false`, PLAIN.
     pub external_auth: bool,
+    /// With [`TlsOptions::external_auth`]: the user the broker takes from the client
+    /// certificate, which this crate cannot tell by itself (with RabbitMQ's
+    /// `ssl_cert_login_from = common_name`, the certificate's CN; by default, its whole
+    /// distinguished name). When set, requests and replies carry it as `user_id`, as they
+    /// carry the URL's user with PLAIN, so that handlers see who called
+    /// ([`Request::user_id`]) and clients can check [`ClientOptions::server_user`]. The broker
+    /// is asked once, at connect, whether it is the connection's user: a wrong name fails
+    /// there with [`Error::Config`], whose message has the broker's answer. Default: `None`,
+    /// no `user_id` with EXTERNAL.
+    ///
+    /// [`Request::user_id`]: crate::Request::user_id
+    /// [`ClientOptions::server_user`]: crate::ClientOptions::server_user
+    pub external_user: Option<String>,
 }
 
 /// How to open a connection, beyond what the URL says.
@@ -146,8 +159,8 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
 }
 
 /// An open connection, and the user it authenticated as: the `user_id` that the broker lets
-/// its messages carry. `None` with EXTERNAL authentication, where the broker takes the user
-/// from the client certificate and this crate does not read it.
+/// its messages carry. With EXTERNAL authentication, where the broker takes the user from the
+/// client certificate, [`TlsOptions::external_user`] (confirmed by the broker) or `None`.
 pub(crate) struct Connected {
     pub(crate) connection: Connection,
     pub(crate) user: Option<String>,
@@ -236,13 +249,28 @@ impl Brokers {
                 options.connect_timeout = options.connect_timeout.min(left);
             }
             match open_address(address, &options) {
-                Ok(connection) => {
+                Ok(mut connection) => {
                     self.next.store(index + 1, Ordering::Relaxed);
                     let external = address.tls && options.tls.external_auth;
-                    return Ok(Connected {
-                        connection,
-                        user: (!external).then(|| address.username.clone()),
-                    });
+                    if !external {
+                        return Ok(Connected {
+                            connection,
+                            user: Some(address.username.clone()),
+                        });
+                    }
+                    let user = options.tls.external_user.clone();
+                    match user.as_deref().map_or(Ok(()), |user| {
+                        confirm_external_user(&mut connection, user, address)
+                    }) {
+                        Ok(()) => return Ok(Connected { connection, user }),
+                        Err(error) if error.is_config() => return Err(error),
+                        Err(error) => {
+                            if count > 1 {
+                                warn!("{}; trying the next broker", error.chain());
+                            }
+                            last_error = Some(error);
+                        }
+                    }
                 }
                 Err(error) => {
                     if count > 1 {
@@ -253,6 +281,45 @@ impl Brokers {
             }
         }
         Err(last_error.expect("there is at least one broker"))
+    }
+}
+
+/// Has the broker confirm that `user` is the user it authenticated `connection` as, by its
+/// client certificate ([`TlsOptions::external_user`]): RabbitMQ checks a message's `user_id`
+/// before routing it and closes the channel when it is not the connection's user, so a
+/// message that goes nowhere (the default exchange has no queue named "") is published with
+/// that `user_id`, followed by a `basic.qos`, which waits for the broker's answer and fails if
+/// the channel was closed meanwhile. One round trip, once per connection.
+///
+/// # Errors
+///
+/// [`Error::Config`] when the broker says the user is another, with its words (they name the
+/// real user); the errors of a lost connection otherwise.
+fn confirm_external_user(
+    connection: &mut Connection,
+    user: &str,
+    address: &BrokerAddress,
+) -> Result<()> {
+    let channel = connection.open_channel(None)?;
+    let probe = Publish {
+        body: b"",
+        routing_key: String::new(),
+        mandatory: false,
+        immediate: false,
+        properties: AmqpProperties::default().with_user_id(user.to_string()),
+    };
+    match channel
+        .basic_publish("", probe)
+        .and_then(|()| channel.qos(0, 0, false))
+    {
+        Ok(()) => Ok(channel.close()?),
+        // The address without a user: with EXTERNAL, the URL's user plays no part.
+        Err(amiquip::Error::ServerClosedChannel { message, .. }) => Err(Error::Config(format!(
+            "TlsOptions::external_user is '{user}', but the broker at amqps://{}:{} \
+             authenticated the client certificate as another user: {message}",
+            address.host, address.port
+        ))),
+        Err(other) => Err(Error::from_amqp(other)),
     }
 }
 
@@ -363,6 +430,13 @@ fn tls_connector(address: &BrokerAddress, tls: &TlsOptions) -> Result<native_tls
                 ))
             })?;
         builder.add_root_certificate(certificate);
+    }
+    if tls.external_user.is_some() && !tls.external_auth {
+        return Err(Error::Config(
+            "TlsOptions::external_user names the user of EXTERNAL authentication: it needs \
+             external_auth"
+                .into(),
+        ));
     }
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use amqp_rpc::{ClientOptions, QueueOptions, QueueType, Request, Server, ServerOptions, fib};
+use amqp_rpc::{
+    Client, ClientOptions, ConnectOptions, HandlerError, QueueOptions, QueueType, Request, Server,
+    ServerOptions, TlsOptions, fib,
+};
 use common::unique_queue;
 
 const NODES: [(&str, u16); 3] = [("c1", 5681), ("c2", 5682), ("c3", 5683)];
@@ -503,6 +506,7 @@ fn tls_is_set_in_the_api_and_the_binaries_and_each_failure_says_which() {
                 cert_file: Some(cert.clone()),
                 key_file: Some(key.clone()),
                 external_auth: true,
+                external_user: None,
             },
             ..amqp_rpc::ConnectOptions::default()
         },
@@ -523,6 +527,135 @@ fn tls_is_set_in_the_api_and_the_binaries_and_each_failure_says_which() {
     let error = amqp_rpc::Client::with_options(c1, missing).err().unwrap();
     assert!(
         error.is_config() && error.to_string().contains("/nonexistent/ca.pem"),
+        "{error}"
+    );
+    server.shutdown().unwrap();
+}
+
+/// The user of the test cluster's client certificate (its CN; node c2 takes the user from it).
+const TLS_USER: &str = "amqp-rpc-tls-client";
+
+/// Connection settings for node c2's mutual TLS with EXTERNAL authentication.
+fn external(user: Option<&str>) -> ConnectOptions {
+    ConnectOptions {
+        tls: TlsOptions {
+            ca_file: Some(tls_file("ca.pem")),
+            cert_file: Some(tls_file("client.pem")),
+            key_file: Some(tls_file("client.key")),
+            external_auth: true,
+            external_user: user.map(String::from),
+        },
+        ..ConnectOptions::default()
+    }
+}
+
+#[test]
+fn with_external_auth_the_confirmed_external_user_is_the_user_id_and_a_wrong_one_fails_at_connect()
+{
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-tls-user");
+    let _guard = ClusterQueue(queue.clone());
+    let c2 = "amqps://localhost:5692/%2f";
+    // The server authenticates by its certificate too, and answers with the caller's user.
+    let server = Server::builder(c2)
+        .options(ServerOptions {
+            connect: external(Some(TLS_USER)),
+            ..ServerOptions::default()
+        })
+        .serve(
+            &queue,
+            QueueOptions::with_workers(1),
+            |request: &Request| {
+                Ok::<_, HandlerError>(request.user_id().unwrap_or("no user_id").to_string())
+            },
+        )
+        .start()
+        .unwrap();
+    let client_options = |user: Option<&str>, server_user: Option<&str>| ClientOptions {
+        queue: queue.clone(),
+        server_user: server_user.map(String::from),
+        timeout: Duration::from_secs(5),
+        connect: external(user),
+        ..ClientOptions::default()
+    };
+
+    // The handler sees the client's user, and the client accepts the reply only because it
+    // carries the server's user.
+    let client = Client::with_options(c2, client_options(Some(TLS_USER), Some(TLS_USER))).unwrap();
+    assert_eq!(client.call(b"who").unwrap(), TLS_USER.as_bytes());
+    assert_eq!(client.stats().rejected_replies, 0);
+    // Without external_user, requests carry no user_id.
+    let anonymous = Client::with_options(c2, client_options(None, None)).unwrap();
+    assert_eq!(anonymous.call(b"who").unwrap(), b"no user_id");
+
+    // A wrong name fails at connect, with the broker's answer, which names the real user.
+    let error = Client::with_options(c2, client_options(Some("someone-else"), None))
+        .err()
+        .expect("the broker refuses a user_id that is not the connection's user");
+    let text = error.to_string();
+    assert!(
+        error.is_config() && text.contains("'someone-else'") && text.contains(TLS_USER),
+        "{text}"
+    );
+    // So does a server's, before it serves anything.
+    let wrong_server = Server::builder(c2)
+        .options(ServerOptions {
+            connect: external(Some("someone-else")),
+            ..ServerOptions::default()
+        })
+        .serve(&queue, QueueOptions::with_workers(1), |_: &Request| {
+            Ok::<_, HandlerError>("never")
+        })
+        .start();
+    let error = wrong_server
+        .err()
+        .expect("a wrong external_user stops the server");
+    assert!(error.is_config(), "{error}");
+    // And the binary's, in one line.
+    let path = |name: &str| tls_file(name).to_str().unwrap().to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_client"))
+        .args(["--url", c2, "--queue", &queue, "--tls-ca", &path("ca.pem")])
+        .args([
+            "--tls-cert",
+            &path("client.pem"),
+            "--tls-key",
+            &path("client.key"),
+        ])
+        .args(["--tls-external", "--tls-external-user", "someone-else"])
+        .args(["--body", "who"])
+        .env_remove("SSL_CERT_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    // (amiquip itself logs the channel's close at warn, on a line of its own.)
+    let errors: Vec<_> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].starts_with(
+                "error: invalid configuration: TlsOptions::external_user is 'someone-else', but \
+                 the broker at amqps://localhost:5692 authenticated"
+            ),
+        "{stderr}"
+    );
+    // external_user means nothing without EXTERNAL: refused rather than ignored.
+    let mut plain = external(Some(TLS_USER));
+    plain.tls.external_auth = false;
+    let error = Client::with_options(
+        "amqps://guest:guest@localhost:5691/%2f",
+        ClientOptions {
+            connect: plain,
+            ..ClientOptions::default()
+        },
+    )
+    .err()
+    .expect("external_user without external_auth is a configuration error");
+    assert!(
+        error.is_config() && error.to_string().contains("external_auth"),
         "{error}"
     );
     server.shutdown().unwrap();

@@ -43,6 +43,17 @@ pub struct BrokerArgs {
     /// instead of the URL's user and password.
     #[arg(long, env = "AMQP_TLS_EXTERNAL", requires = "tls_cert")]
     pub tls_external: bool,
+
+    /// With --tls-external: the user the broker takes from the client certificate (its CN
+    /// with RabbitMQ's ssl_cert_login_from = common_name), for requests and replies to carry
+    /// as user_id; the broker confirms it at connect.
+    #[arg(
+        long,
+        env = "AMQP_TLS_EXTERNAL_USER",
+        value_name = "NAME",
+        requires = "tls_external"
+    )]
+    pub tls_external_user: Option<String>,
 }
 
 impl BrokerArgs {
@@ -53,6 +64,7 @@ impl BrokerArgs {
             cert_file: self.tls_cert.clone(),
             key_file: self.tls_key.clone(),
             external_auth: self.tls_external,
+            external_user: self.tls_external_user.clone(),
         }
     }
 
