@@ -210,7 +210,9 @@ impl Brokers {
     ///
     /// # Errors
     ///
-    /// The last broker's error when none answers; see [`open_address`].
+    /// The last broker's error when none answers; see [`open_address`]. An
+    /// [`Error::Config`] at once, without trying the other brokers: wrong settings are wrong
+    /// on every one.
     pub(crate) fn connect(&self, options: &ConnectOptions) -> Result<Connected> {
         self.connect_by(options, None)
     }
@@ -248,30 +250,15 @@ impl Brokers {
                 }
                 options.connect_timeout = options.connect_timeout.min(left);
             }
-            match open_address(address, &options) {
-                Ok(mut connection) => {
+            match open_address(address, &options)
+                .and_then(|connection| with_user(connection, address, &options.tls))
+            {
+                Ok(connected) => {
                     self.next.store(index + 1, Ordering::Relaxed);
-                    let external = address.tls && options.tls.external_auth;
-                    if !external {
-                        return Ok(Connected {
-                            connection,
-                            user: Some(address.username.clone()),
-                        });
-                    }
-                    let user = options.tls.external_user.clone();
-                    match user.as_deref().map_or(Ok(()), |user| {
-                        confirm_external_user(&mut connection, user, address)
-                    }) {
-                        Ok(()) => return Ok(Connected { connection, user }),
-                        Err(error) if error.is_config() => return Err(error),
-                        Err(error) => {
-                            if count > 1 {
-                                warn!("{}; trying the next broker", error.chain());
-                            }
-                            last_error = Some(error);
-                        }
-                    }
+                    return Ok(connected);
                 }
+                // Wrong settings are wrong on every broker.
+                Err(error) if error.is_config() => return Err(error),
                 Err(error) => {
                     if count > 1 {
                         warn!("{}; trying the next broker", error.chain());
@@ -282,6 +269,32 @@ impl Brokers {
         }
         Err(last_error.expect("there is at least one broker"))
     }
+}
+
+/// `connection` with the user it authenticated as: the URL's, or with EXTERNAL
+/// [`TlsOptions::external_user`], once the broker has confirmed it.
+///
+/// # Errors
+///
+/// Those of [`confirm_external_user`].
+fn with_user(
+    mut connection: Connection,
+    address: &BrokerAddress,
+    tls: &TlsOptions,
+) -> Result<Connected> {
+    if !(address.tls && tls.external_auth) {
+        return Ok(Connected {
+            connection,
+            user: Some(address.username.clone()),
+        });
+    }
+    if let Some(user) = &tls.external_user {
+        confirm_external_user(&mut connection, user, address)?;
+    }
+    Ok(Connected {
+        connection,
+        user: tls.external_user.clone(),
+    })
 }
 
 /// Has the broker confirm that `user` is the user it authenticated `connection` as, by its
