@@ -302,7 +302,8 @@ fn with_user(
 /// before routing it and closes the channel when it is not the connection's user, so a
 /// message that goes nowhere (the default exchange has no queue named "") is published with
 /// that `user_id`, followed by a `basic.qos`, which waits for the broker's answer and fails if
-/// the channel was closed meanwhile. Three round trips (open, `basic.qos`, close), once per connection.
+/// the channel was closed meanwhile. Three round trips (open, `basic.qos`, close), once per
+/// connection.
 ///
 /// # Errors
 ///
