@@ -19,7 +19,7 @@ use amqp_rpc::{
 use common::process::{spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_url, consumers, declare_queue, pika_script, publish_request,
+    QueueGuard, broker_url, consumers, declare_queue, hold_until, pika_script, publish_request,
     python_with_pika, queued_messages, raw_connection, require_broker, start_fib_server,
     start_server, unique_queue, wait_until,
 };
@@ -52,9 +52,7 @@ fn holding_server(queue: &str, released: &Arc<AtomicBool>, seen: &Arc<AtomicUsiz
     start_server(queue, 1, move |request: &Request| {
         seen.fetch_add(1, Ordering::SeqCst);
         if request.body() == b"hold" {
-            while !released.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(10));
-            }
+            hold_until(&released);
             return Ok(b"held".to_vec());
         }
         fib::serve(request, 1000)
@@ -556,9 +554,7 @@ fn shutdown_drains_for_its_drain_timeout_then_sends_the_request_back() {
         })
         .serve(&queue, QueueOptions::with_workers(1), move |_: &Request| {
             counter.fetch_add(1, Ordering::SeqCst);
-            while !held.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(10));
-            }
+            hold_until(&held);
             Ok(Vec::new())
         })
         .start()

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use amqp_rpc::{
@@ -17,8 +16,8 @@ use amqp_rpc::{
 use common::process::{our_server, send_signal, spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_url, http_get, pika_script, python_with_pika, python_with_prometheus_client,
-    require_broker, unique_queue, wait_until,
+    QueueGuard, broker_url, hold_until, http_get, pika_script, python_with_pika,
+    python_with_prometheus_client, require_broker, unique_queue, wait_until,
 };
 
 /// A server of `queue`, with its metrics endpoint on a free port, whose one worker holds
@@ -37,9 +36,7 @@ fn observed_server(url: &str, queue: &str, released: &Arc<AtomicBool>) -> Server
             QueueOptions::with_workers(1),
             move |request: &Request| match request.body() {
                 b"hold" => {
-                    while !released.load(Ordering::SeqCst) {
-                        thread::sleep(Duration::from_millis(10));
-                    }
+                    hold_until(&released);
                     Ok(b"held".to_vec())
                 }
                 b"bad" => Err(HandlerError::bad_request("refused")),

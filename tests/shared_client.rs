@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use amqp_rpc::{Client, ClientOptions, Error, HandlerError, Request, fib};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, channels_on, queued_messages, require_broker, start_fib_server, start_server,
-    unacked_messages, unique_queue, wait_until,
+    QueueGuard, channels_on, hold_until, queued_messages, require_broker, start_fib_server,
+    start_server, unacked_messages, unique_queue, wait_until,
 };
 
 fn client_through(proxy: &FaultProxy, queue: &str, timeout: Duration, retry: bool) -> Client {
@@ -149,9 +149,7 @@ fn holding_server(queue: &str, released: &Arc<AtomicBool>) -> amqp_rpc::Server {
     let released = Arc::clone(released);
     start_server(queue, 4, move |request: &Request| {
         if request.body().starts_with(b"hold") {
-            while !released.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(10));
-            }
+            hold_until(&released);
             return Ok(request.body().to_vec());
         }
         fib::handle_request(request.body(), 1000)

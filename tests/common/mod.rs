@@ -186,6 +186,14 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// For a handler that holds its request: returns once `released` is set, however long that
+/// takes (the test decides when).
+pub fn hold_until(released: &std::sync::atomic::AtomicBool) {
+    while !released.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs `rabbitmqctl` with `args`, fails the test if it fails, and returns what it printed.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl")
