@@ -9,8 +9,8 @@ use std::time::Duration;
 use amqp_rpc::{Client, ClientOptions, Error, HandlerError, QueueOptions, Request, Server, fib};
 use common::process::text;
 use common::{
-    QueueGuard, declare_queue, host_and_port, rabbitmqctl, raw_connection, ready_messages,
-    require_broker, start_fib_server, start_server, unique_queue,
+    QueueGuard, declare_queue, end_consumer, host_and_port, rabbitmqctl, raw_connection,
+    ready_messages, require_broker, start_fib_server, start_server, unique_queue,
 };
 
 /// A broker user made for one test, with full permissions on the default vhost; deleted when
@@ -288,14 +288,7 @@ fn forge_one_reply(url: &str, queue: &str) {
         )
         .unwrap();
     consumer.nack(request, true).unwrap();
-    // The safe end of a consumer (docs/amiquip.md).
-    consumer.cancel().unwrap();
-    for message in messages.iter() {
-        if !matches!(message, amiquip::ConsumerMessage::Delivery(_)) {
-            break;
-        }
-    }
-    drop(consumer);
+    end_consumer(consumer);
     connection.close().unwrap();
 }
 

@@ -313,16 +313,23 @@ pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
         Ok(ConsumerMessage::Delivery(delivery)) => delivery,
         other => panic!("no reply: {other:?}"),
     };
-    // The safe end of a consumer (docs/amiquip.md): cancel, read until confirmed.
+    end_consumer(consumer);
+    connection.close().unwrap();
+    reply
+}
+
+/// Ends `consumer` the safe way (docs/amiquip.md): cancels it, reads a clone of its receiver
+/// until the cancel is confirmed or the stream ends, leaving deliveries that raced the cancel
+/// unacked (the broker takes them back with the channel), and only then drops it.
+pub fn end_consumer(consumer: amiquip::Consumer) {
+    let messages = consumer.receiver().clone();
     consumer.cancel().unwrap();
-    for message in consumer.receiver().iter() {
+    for message in messages.iter() {
         if !matches!(message, ConsumerMessage::Delivery(_)) {
             break;
         }
     }
     drop(consumer);
-    connection.close().unwrap();
-    reply
 }
 
 /// Publishes a request to `queue` whose reply nobody will read, without a deadline, as a
@@ -387,14 +394,7 @@ pub fn scripted_peer(
             }
             consumer.ack(request).unwrap();
         }
-        // The safe end of a consumer (docs/amiquip.md): cancel, read until confirmed.
-        consumer.cancel().unwrap();
-        for message in deliveries.iter() {
-            if matches!(message, ConsumerMessage::ClientCancelled) {
-                break;
-            }
-        }
-        drop(consumer);
+        end_consumer(consumer);
         connection.close().unwrap();
     })
 }
