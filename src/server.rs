@@ -861,7 +861,7 @@ fn queue_declare_options(options: &QueueOptions) -> QueueDeclareOptions {
 /// connection, a queue declared elsewhere with other arguments), so only our own bad settings
 /// end the server.
 fn is_retryable(error: &Error) -> bool {
-    !matches!(error, Error::Config(_))
+    !error.is_config()
 }
 
 /// One worker thread's state: its channel, and the queue it serves.
