@@ -30,7 +30,7 @@ use amiquip::{
     AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, FieldTable,
     Publish, QueueDeclareOptions,
 };
-use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
 use crate::connect::{Brokers, ConnectOptions, Connected};
@@ -864,6 +864,10 @@ fn is_retryable(error: &Error) -> bool {
     !error.is_config()
 }
 
+/// How often an idle worker looks whether shutdown has been asked for; a busy worker looks
+/// before each request. Shutdown stops taking requests at most this late.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
 /// One worker thread's state: its channel, and the queue it serves.
 struct Worker {
     channel: Channel,
@@ -888,30 +892,45 @@ impl Worker {
         // reply (publishing returns before the broker has seen the message).
         let mut last_answered = None;
         let failure = loop {
-            select! {
-                recv(deliveries) -> message => match message {
-                    Ok(ConsumerMessage::Delivery(delivery)) => match self.serve(delivery) {
-                        Ok(key) => last_answered = key,
-                        Err(error) => break Some(error),
-                    },
-                    Ok(ConsumerMessage::ServerCancelled) => {
-                        break Some(Error::ConsumerCancelled { queue: queue.to_string() });
-                    }
-                    Ok(ConsumerMessage::ServerClosedChannel(error)) => {
-                        let error = Error::from_amqp(error);
-                        if let (Error::Refused { text, .. }, Some(key)) = (&error, last_answered.take()) {
-                            lock(&self.service.refused_replies).insert(key, text.clone());
-                        }
-                        break Some(error);
-                    }
-                    Ok(ConsumerMessage::ServerClosedConnection(error)) => {
-                        break Some(Error::from_amqp(error));
-                    }
-                    Ok(_) | Err(_) => {
-                        break Some(Error::lost(amiquip::Error::EventLoopDropped));
-                    }
+            // The worker waits on its deliveries alone and looks at the stop signal between
+            // them (and every STOP_POLL while idle). `recv_timeout` spins and yields briefly
+            // before it sleeps, where `select!` over the deliveries and the stop signal sleeps
+            // at once, and that makes the round trip longer: bench/raw_echo's client calling
+            // one after another on 2 cores (medians of 9 interleaved rounds) got 3,197 calls/s
+            // through `select!`, 3,487 this way, 3,472 from the floor's own server. With 8
+            // calling threads both did 7,850 calls/s, this way for about 10% more server CPU.
+            if is_stopped(&self.stop) {
+                break None;
+            }
+            let message = match deliveries.recv_timeout(STOP_POLL) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Some(Error::lost(amiquip::Error::EventLoopDropped));
+                }
+            };
+            match message {
+                ConsumerMessage::Delivery(delivery) => match self.serve(delivery) {
+                    Ok(key) => last_answered = key,
+                    Err(error) => break Some(error),
                 },
-                recv(self.stop) -> _ => break None,
+                ConsumerMessage::ServerCancelled => {
+                    break Some(Error::ConsumerCancelled {
+                        queue: queue.to_string(),
+                    });
+                }
+                ConsumerMessage::ServerClosedChannel(error) => {
+                    let error = Error::from_amqp(error);
+                    if let (Error::Refused { text, .. }, Some(key)) = (&error, last_answered.take())
+                    {
+                        lock(&self.service.refused_replies).insert(key, text.clone());
+                    }
+                    break Some(error);
+                }
+                ConsumerMessage::ServerClosedConnection(error) => {
+                    break Some(Error::from_amqp(error));
+                }
+                _ => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
             }
         };
         // After a failure the cancel usually fails at once, on a dead connection; that is
