@@ -50,8 +50,9 @@ fn is_retryable(error: &Error) -> bool {
 /// never disturbs another's call.
 ///
 /// A call in flight costs about 200 bytes (its correlation id and where to deliver its reply)
-/// until it is answered or times out, plus its request until it is published; nothing else
-/// grows with the number of calls or threads.
+/// until it is answered or times out, plus its request until amiquip has written it to the
+/// socket: at most 128 frames wait for amiquip's I/O thread, and a publish past them waits
+/// for room. Nothing else grows with the number of calls or threads.
 ///
 /// ```no_run
 /// use amqp_rpc::Client;

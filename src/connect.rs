@@ -337,6 +337,17 @@ fn confirm_external_user(
     }
 }
 
+/// How many frames a channel may queue for amiquip's I/O thread before the next send blocks
+/// (amiquip's default is 16). A publish is at least three frames (method, header, body), so a
+/// batch of 32 calls sent with `Client::send_many` used to block every few publishes, waiting
+/// for the I/O thread. Measured on 2 cores, 32 calls in flight from one thread against our
+/// server, medians of 7 interleaved rounds: 8,467 calls/s and 28 µs of client CPU a call with
+/// 16; 8,627 and 23 µs with 128; 8,642 and 23 µs with 1,024. Sequential calls and 8 threads
+/// were unchanged. 128 keeps what may wait here small: at most 128 frames of up to the
+/// negotiated frame size (128 KiB with RabbitMQ's defaults) per channel, beside the I/O thread's
+/// own 16 MiB of unsent bytes.
+const FRAMES_QUEUED_PER_CHANNEL: usize = 128;
+
 /// Opens an AMQP connection to one broker with `TCP_NODELAY` set.
 ///
 /// # Errors
@@ -377,10 +388,14 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
             &address.host,
             stream,
             amqp_options,
-            ConnectionTuning::default(),
+            ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL),
         )
     } else {
-        Connection::insecure_open_stream(stream, amqp_options, ConnectionTuning::default())
+        Connection::insecure_open_stream(
+            stream,
+            amqp_options,
+            ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL),
+        )
     };
     let connection = connection.map_err(|error| match error {
         // A refused handshake is not a lost connection: say which broker refused it.
