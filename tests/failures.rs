@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -19,9 +18,9 @@ use amqp_rpc::{
 use common::process::{spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_url, consumers, declare_queue, hold_until, pika_script, publish_request,
-    python_with_pika, queued_messages, raw_connection, require_broker, start_fib_server,
-    start_server, unique_queue, wait_until,
+    QueueGuard, consumers, declare_queue, hold_until, pika_peer, publish_request, python_with_pika,
+    queued_messages, raw_connection, require_broker, start_fib_server, start_server, unique_queue,
+    wait_until,
 };
 
 fn options(queue: &str, timeout: Duration, grace: Duration) -> ClientOptions {
@@ -216,13 +215,8 @@ fn a_request_from_pika_past_its_deadline_is_not_computed() {
             .push(String::from_utf8_lossy(request.body()).into_owned());
         fib::serve(request, 50_000_000)
     });
-    let output = Command::new(python)
-        .args([
-            &pika_script("expired_then_fresh.py"),
-            &broker_url(),
-            &queue,
-            "20000000",
-        ])
+    let output = pika_peer(&python, "expired_then_fresh.py", &queue)
+        .arg("20000000")
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
@@ -291,8 +285,7 @@ fn each_error_kind_arrives_on_the_wire_and_maps_to_its_variant() {
         ),
         ("panic", "handler-failed", FailureKind::HandlerFailed, false),
     ];
-    let mut command = Command::new(python);
-    command.args([&pika_script("error_kinds.py"), &broker_url(), &queue]);
+    let mut command = pika_peer(&python, "error_kinds.py", &queue);
     command.args(cases.iter().map(|(body, ..)| body));
     let output = command.output().unwrap();
     let (stdout, stderr) = text(&output);
@@ -321,8 +314,7 @@ fn an_error_reply_without_a_kind_from_a_pika_server_still_maps() {
     let python = python_with_pika();
     let queue = unique_queue("kindless");
     let _guard = QueueGuard(queue.clone());
-    let mut command = Command::new(python);
-    command.args([&pika_script("error_server.py"), &broker_url(), &queue]);
+    let command = pika_peer(&python, "error_server.py", &queue);
     let _server = spawn_until_ready(command, "Awaiting RPC requests");
     let error = client(&queue, Duration::from_secs(10), Duration::from_secs(1))
         .call(b"this")

@@ -16,7 +16,7 @@ use amqp_rpc::{
 use common::process::{our_server, send_signal, spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_url, hold_until, http_get, pika_script, python_with_pika,
+    QueueGuard, hold_until, http_get, pika_peer, pika_script, python_with_pika,
     python_with_prometheus_client, require_broker, unique_queue, wait_until,
 };
 
@@ -233,14 +233,8 @@ fn a_traceparent_from_pika_reaches_the_handler_and_comes_back_on_the_reply() {
         fib::serve(request, 1000)
     });
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let output = Command::new(python)
-        .args([
-            &pika_script("call_with_trace.py"),
-            &broker_url(),
-            &queue,
-            traceparent,
-            "vendor=opaque",
-        ])
+    let output = pika_peer(&python, "call_with_trace.py", &queue)
+        .args([traceparent, "vendor=opaque"])
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
@@ -274,14 +268,8 @@ fn the_server_binary_logs_the_trace_id_and_serves_metrics_when_asked() {
     // The metrics line comes first; wait for the last start-up line.
     let mut server = spawn_until_ready(command, "Awaiting RPC requests");
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let output = Command::new(python)
-        .args([
-            &pika_script("call_with_trace.py"),
-            &broker_url(),
-            &queue,
-            traceparent,
-            "",
-        ])
+    let output = pika_peer(&python, "call_with_trace.py", &queue)
+        .args([traceparent, ""])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", text(&output).1);

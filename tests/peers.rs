@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::process::{our_client, our_server, send_signal, spawn_until_ready, text};
 use common::{
-    QueueGuard, broker_url, client_for, pika_script, python_with_pika, start_fib_server,
+    QueueGuard, broker_url, client_for, pika_peer, python_with_pika, start_fib_server,
     start_server, unique_queue,
 };
 
@@ -87,8 +87,8 @@ fn a_pika_tutorial_client_gets_its_answer_from_our_server() {
     let _guard = QueueGuard(queue.clone());
     let server = start_fib_server(&queue, 2);
 
-    let output = Command::new(python)
-        .args([&pika_script("rpc_client.py"), &broker_url(), &queue, "30"])
+    let output = pika_peer(&python, "rpc_client.py", &queue)
+        .arg("30")
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
@@ -102,8 +102,7 @@ fn our_client_gets_its_answer_from_a_pika_tutorial_server() {
     let python = python_with_pika();
     let queue = unique_queue("pika-server");
     let _guard = QueueGuard(queue.clone());
-    let mut command = Command::new(python);
-    command.args([&pika_script("rpc_server.py"), &broker_url(), &queue]);
+    let command = pika_peer(&python, "rpc_server.py", &queue);
     let _server = spawn_until_ready(command, "Awaiting RPC requests");
 
     let client = client_for(&queue, Duration::from_secs(10));

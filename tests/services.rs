@@ -16,8 +16,8 @@ use amqp_rpc::{
 use common::process::{example, send_signal, spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_closes_connection, broker_url, client_for, consumers, pika_script,
-    python_with_pika, require_broker, start_server, unacked_messages, unique_queue, wait_until,
+    QueueGuard, broker_closes_connection, client_for, consumers, pika_peer, python_with_pika,
+    require_broker, start_server, unacked_messages, unique_queue, wait_until,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -59,12 +59,7 @@ fn a_pika_client_sends_headers_and_properties_and_the_echo_handler_sees_every_on
     echo.args(["--queue", &queue]);
     let _server = spawn_until_ready(echo, READY);
 
-    let output = Command::new(python)
-        .args([
-            &pika_script("call_with_properties.py"),
-            &broker_url(),
-            &queue,
-        ])
+    let output = pika_peer(&python, "call_with_properties.py", &queue)
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
@@ -121,8 +116,7 @@ fn our_client_sends_headers_to_a_pika_server_and_gets_its_reply_headers_back() {
     let python = python_with_pika();
     let queue = unique_queue("pika-properties");
     let _guard = QueueGuard(queue.clone());
-    let mut command = Command::new(python);
-    command.args([&pika_script("properties_server.py"), &broker_url(), &queue]);
+    let command = pika_peer(&python, "properties_server.py", &queue);
     let _server = spawn_until_ready(command, READY);
 
     let client = client_for(&queue, Duration::from_secs(10));

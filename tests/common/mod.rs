@@ -280,6 +280,14 @@ pub fn pika_script(name: &str) -> String {
     format!("{}/tests/pika/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The command that runs the pika peer `script` (in `tests/pika/`) with `python` against the
+/// test broker and `queue`, the first two arguments of every peer; a caller adds the rest.
+pub fn pika_peer(python: &str, script: &str, queue: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(python);
+    command.args([&pika_script(script), &broker_url(), queue]);
+    command
+}
+
 /// Publishes `body` to `queue` from a plain amiquip client and returns the raw reply delivery,
 /// so that a test can read exactly what went over the wire.
 pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
