@@ -899,6 +899,10 @@ impl Worker {
             // interleaved rounds: 3,074 calls/s through `select!`, 3,306 this way (15 rounds
             // of 5,000 calls; two shorter runs gave +9% and +4%). With 8 calling threads or 32
             // calls in flight the two were within noise, in rate and in server CPU per call.
+            // `recv_timeout` yields the processor four times before it sleeps (crossbeam's
+            // backoff; 17% of the server's perf samples with 8 threads), which `select!` does
+            // not; yet on a second machine `select!` over the deliveries alone was again slower
+            // sequentially (0.92x, 7 rounds) and equal with 8 threads (1.01x).
             if is_stopped(&self.stop) {
                 break None;
             }

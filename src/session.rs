@@ -167,7 +167,11 @@ struct Awaited {
 impl Awaited {
     /// Gives the reader role to a caller that still waits, if any.
     fn pass_reading_on(&mut self) {
-        // Every caller in `calls` still waits: one that stops waiting leaves it first.
+        // Every caller in `calls` still waits: one that stops waiting leaves it first. Any
+        // of them will do. With 8 threads the role passes about once per 5 calls (0.20 passes
+        // a call); handing it to the newest call, whose reply comes last, made that 0.135 but
+        // left the rate within noise (1.01x, medians of 15 interleaved rounds of 10,000 calls
+        // on 2 cores): passing the role is too rare to matter.
         self.reading = match self.calls.values().next() {
             Some(waiter) => {
                 waiter.mailbox.post(Event::Read);
