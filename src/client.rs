@@ -30,7 +30,7 @@ use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
-use crate::sync::{deadline_after, lock};
+use crate::sync::{deadline_after, lock, wait_timeout};
 
 /// How long a retrying call waits before it tries a refused broker again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -357,12 +357,7 @@ impl Client {
                     )),
                 });
             }
-            slot = self
-                .inner
-                .connected
-                .wait_timeout(slot, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+            slot = wait_timeout(&self.inner.connected, slot, left);
         }
         if slot.session.take().is_some() {
             debug!("connecting again after a lost connection");

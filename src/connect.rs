@@ -382,20 +382,11 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
         .information(Some(options.connection_name.clone()));
     let stream = mio::net::TcpStream::from_stream(stream)
         .map_err(|source| connect_error(address, source))?;
+    let tuning = ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL);
     let connection = if let Some(connector) = connector {
-        Connection::open_tls_stream(
-            connector,
-            &address.host,
-            stream,
-            amqp_options,
-            ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL),
-        )
+        Connection::open_tls_stream(connector, &address.host, stream, amqp_options, tuning)
     } else {
-        Connection::insecure_open_stream(
-            stream,
-            amqp_options,
-            ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL),
-        )
+        Connection::insecure_open_stream(stream, amqp_options, tuning)
     };
     let connection = connection.map_err(|error| match error {
         // A refused handshake is not a lost connection: say which broker refused it.

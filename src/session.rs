@@ -51,7 +51,7 @@ use crate::connect::{Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 use crate::wire::{self, DIRECT_REPLY_TO};
 
 /// What a waiting caller is told, by the reader or by the session.
@@ -122,11 +122,7 @@ impl Mailbox {
                 return None;
             }
             letters.asleep = true;
-            letters = self
-                .arrived
-                .wait_timeout(letters, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+            letters = wait_timeout(&self.arrived, letters, left);
             letters.asleep = false;
         }
     }

@@ -1,7 +1,8 @@
-//! What the client and the server both need around threads and time: a lock that keeps
-//! working after a panic elsewhere, and a deadline that never overflows.
+//! What the client and the server both need around threads and time: a lock, and a wait on a
+//! condition variable, that keep working after a panic elsewhere, and a deadline that never
+//! overflows.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Locks `mutex`. A panic in another thread while it held the lock leaves the data as that
@@ -11,6 +12,19 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits on `condvar` with `guard`'s lock released, until notified or `timeout` has passed,
+/// and returns the lock taken again; a panic elsewhere is handled as by [`lock`].
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> MutexGuard<'a, T> {
+    condvar
+        .wait_timeout(guard, timeout)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .0
 }
 
 /// The instant `timeout` after `start`; for timeouts too long to represent (`Duration::MAX`),

@@ -18,14 +18,11 @@ use std::time::{Duration, Instant};
 use amqp_rpc::fib;
 use common::process::{Running, our_client, our_server, send_signal, spawn_until_ready, text};
 use common::{
-    QueueGuard, client_for, publish_request, ready_messages, unacked_messages, unique_queue,
-    wait_until,
+    LONG_N, QueueGuard, client_for, publish_request, ready_messages, unacked_messages,
+    unique_queue, wait_until,
 };
 
 const READY: &str = "Awaiting RPC requests";
-
-/// A Fibonacci number that keeps a debug-build server busy for seconds.
-const LONG_N: u64 = 3_000_000;
 
 /// The decimal digits of fib(n), from Binet's formula: fib(n) rounds φⁿ/√5.
 fn digits_of_fib(n: u64) -> usize {

@@ -16,8 +16,8 @@ use amqp_rpc::{
 use common::process::{example, send_signal, spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_closes_connection, client_for, consumers, pika_peer, python_with_pika,
-    require_broker, start_server, unacked_messages, unique_queue, wait_until,
+    LONG_N, QueueGuard, broker_closes_connection, client_for, consumers, pika_peer,
+    python_with_pika, require_broker, start_server, unacked_messages, unique_queue, wait_until,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -279,9 +279,7 @@ fn the_services_example_serves_both_and_drains_both_on_sigterm() {
         QueueGuard(fib_queue.clone()),
         QueueGuard(stats_queue.clone()),
     );
-    // A Fibonacci number that keeps a debug-build server busy for seconds, and its value,
-    // computed meanwhile.
-    const LONG_N: u64 = 3_000_000;
+    // The answer to the long request below, computed meanwhile.
     let expected = thread::spawn(|| fib::fib(LONG_N));
     let mut services = example("services");
     services.args(["--prefix", &prefix, "--max-n", &LONG_N.to_string()]);

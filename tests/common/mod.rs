@@ -174,6 +174,11 @@ pub fn channels_on(name: &str) -> Option<u32> {
     })
 }
 
+/// A Fibonacci number that keeps a debug-build server busy for seconds: long enough to see its
+/// request taken (an unacked message, polled through `rabbitmqctl`, which itself takes a good
+/// part of a second under load) and to signal the server while it computes.
+pub const LONG_N: u64 = 3_000_000;
+
 /// Polls `condition` every 20 ms until it holds; fails with `what` after 10 s.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let give_up = std::time::Instant::now() + Duration::from_secs(10);
