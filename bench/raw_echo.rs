@@ -4,11 +4,16 @@
 //! no timeouts, no returns, no expiration, no error replies, no reconnection.
 //!
 //!     raw_echo server QUEUE WORKERS
-//!     raw_echo client QUEUE CALLS THREADS INFLIGHT
+//!     raw_echo client QUEUE CALLS THREADS INFLIGHT [sliding]
+//!
+//! A client thread sends its calls in batches of INFLIGHT and waits for a whole batch, as
+//! `client --bench --inflight` does; with `sliding` it keeps INFLIGHT calls in flight instead,
+//! sending the next call as soon as any reply comes: the most one thread can get out of that
+//! many calls in flight, with no thread hand-off between a reply and the next request.
 //!
 //! The client prints `calls=K errors=0 calls_per_s=X p50_us=Y p99_us=Z`, as `client --bench`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -72,7 +77,13 @@ fn serve(queue: &str, workers: usize) {
     }
 }
 
-fn call(connection: &Mutex<Connection>, queue: &str, calls: usize, inflight: usize) -> Vec<u64> {
+fn call(
+    connection: &Mutex<Connection>,
+    queue: &str,
+    calls: usize,
+    inflight: usize,
+    sliding: bool,
+) -> Vec<u64> {
     let channel = connection.lock().unwrap().open_channel(None).unwrap();
     let reply_queue = channel
         .queue_declare(
@@ -89,33 +100,55 @@ fn call(connection: &Mutex<Connection>, queue: &str, calls: usize, inflight: usi
             ..ConsumerOptions::default()
         })
         .unwrap();
+    let publish = |id: u64| {
+        let properties = AmqpProperties::default()
+            .with_reply_to(reply_queue.name().to_string())
+            .with_correlation_id(id.to_string());
+        channel
+            .basic_publish("", Publish::with_properties(b"10", queue, properties))
+            .unwrap();
+    };
+    let next_reply = || {
+        let ConsumerMessage::Delivery(reply) = consumer.receiver().recv().unwrap() else {
+            panic!("reply consumer ended");
+        };
+        reply
+            .properties
+            .correlation_id()
+            .as_deref()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
     let mut latencies = Vec::with_capacity(calls);
     let mut next_id = 0u64;
-    let mut remaining = calls;
-    while remaining > 0 {
-        let batch = remaining.min(inflight);
-        let started = Instant::now();
-        let mut waiting = HashMap::new();
-        for _ in 0..batch {
-            next_id += 1;
-            let id = next_id.to_string();
-            let properties = AmqpProperties::default()
-                .with_reply_to(reply_queue.name().to_string())
-                .with_correlation_id(id.clone());
-            channel
-                .basic_publish("", Publish::with_properties(b"10", queue, properties))
-                .unwrap();
-            waiting.insert(id, ());
+    if sliding {
+        let mut sent_at = HashMap::new();
+        while latencies.len() < calls {
+            while sent_at.len() < inflight && (next_id as usize) < calls {
+                next_id += 1;
+                publish(next_id);
+                sent_at.insert(next_id, Instant::now());
+            }
+            let started = sent_at.remove(&next_reply()).unwrap();
+            latencies.push(started.elapsed().as_micros() as u64);
         }
-        while !waiting.is_empty() {
-            let ConsumerMessage::Delivery(reply) = consumer.receiver().recv().unwrap() else {
-                panic!("reply consumer ended");
-            };
-            waiting.remove(reply.properties.correlation_id().as_deref().unwrap());
+    } else {
+        while latencies.len() < calls {
+            let batch = (calls - latencies.len()).min(inflight);
+            let started = Instant::now();
+            let mut waiting = HashSet::new();
+            for _ in 0..batch {
+                next_id += 1;
+                publish(next_id);
+                waiting.insert(next_id);
+            }
+            while !waiting.is_empty() {
+                waiting.remove(&next_reply());
+            }
+            let latency = started.elapsed().as_micros() as u64;
+            latencies.extend(std::iter::repeat_n(latency, batch));
         }
-        let latency = started.elapsed().as_micros() as u64;
-        latencies.extend(std::iter::repeat_n(latency, batch));
-        remaining -= batch;
     }
     // Dropping a consumer before its cancel is confirmed can kill the shared connection.
     consumer.cancel().unwrap();
@@ -134,6 +167,7 @@ fn main() {
         Some("server") => serve(&args[2], number(3)),
         Some("client") => {
             let (calls, threads, inflight) = (number(3), number(4), number(5));
+            let sliding = args.get(6).map(String::as_str) == Some("sliding");
             // One connection, a channel per thread (the floor's way to spread calls over threads).
             let connection = Arc::new(Mutex::new(connect()));
             let started = Instant::now();
@@ -141,7 +175,7 @@ fn main() {
                 .map(|index| {
                     let (queue, connection) = (args[2].clone(), Arc::clone(&connection));
                     let share = calls / threads + usize::from(index < calls % threads);
-                    thread::spawn(move || call(&connection, &queue, share, inflight))
+                    thread::spawn(move || call(&connection, &queue, share, inflight, sliding))
                 })
                 .collect();
             let mut latencies: Vec<u64> = workers
@@ -164,7 +198,8 @@ fn main() {
             );
         }
         _ => eprintln!(
-            "usage: raw_echo server QUEUE WORKERS | raw_echo client QUEUE CALLS THREADS INFLIGHT"
+            "usage: raw_echo server QUEUE WORKERS | \
+             raw_echo client QUEUE CALLS THREADS INFLIGHT [sliding]"
         ),
     }
 }
