@@ -1041,8 +1041,17 @@ impl Worker {
             },
         );
         // A publish only hands the reply to amiquip: the broker's refusal (a reply too large for
-        // it, say) comes later, as the channel closing; see `run`.
-        published.and_then(|()| delivery.ack(&self.channel))?;
+        // it, say) comes later, as the channel closing (see `run`), or as the ack failing when
+        // the close came first (a worker slow to ack, on a loaded machine). Either way the
+        // request comes back unacked; remembered, it is then answered with an error instead of
+        // running again.
+        let sent = published
+            .and_then(|()| delivery.ack(&self.channel))
+            .map_err(Error::from);
+        if let Err(Error::Refused { text, .. }) = &sent {
+            lock(&self.service.refused_replies).insert(key.clone(), text.clone());
+        }
+        sent?;
         metrics.count_reply(kind);
         trace!("replied to {correlation_id:?}");
         Ok(Some(key))
