@@ -28,7 +28,7 @@ use crate::client_options::ClientOptions;
 use crate::connect::Brokers;
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
-use crate::session::{Event, Mailbox, Role, Session};
+use crate::session::{Event, Mailbox, QUEUE_STATE_FRESH, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
 use crate::sync::{deadline_after, lock, wait_timeout};
 
@@ -238,8 +238,10 @@ impl Client {
             outcomes: calls.iter().map(|_| None).collect(),
             pending: Vec::with_capacity(calls.len()),
             queue: options.queue.clone(),
-            grace_check: (!options.no_server_grace.is_zero())
-                .then(|| deadline_after(started, options.no_server_grace)),
+            grace_check: (!options.no_server_grace.is_zero()).then(|| GraceCheck {
+                at: deadline_after(started, options.no_server_grace),
+                nobody_seen: false,
+            }),
             started,
             counters: &self.inner.counters,
         };
@@ -447,12 +449,21 @@ struct Batch<'a> {
     pending: Vec<usize>,
     /// The server queue, for errors.
     queue: String,
-    /// When to ask the broker whether any server consumes the queue; `None` once asked, or
-    /// when the check is off.
-    grace_check: Option<Instant>,
+    /// When to ask the broker next whether any server consumes the queue; `None` once
+    /// settled, or when the check is off.
+    grace_check: Option<GraceCheck>,
     /// When the calls started, for their latency.
     started: Instant,
     counters: &'a ClientCounters,
+}
+
+/// The next look at the server queue for calls still unanswered after the grace
+/// ([`ClientOptions::no_server_grace`]).
+#[derive(Clone, Copy, Debug)]
+struct GraceCheck {
+    at: Instant,
+    /// True when the look before found no server and requests waiting: this look decides.
+    nobody_seen: bool,
 }
 
 /// Calls counted in [`Inner::in_flight`] until dropped.
@@ -501,16 +512,28 @@ impl Batch<'_> {
             }
             let next_deadline = self.deadlines[waiting.last().expect("a call waits").0];
             if let Some(check) = self.grace_check
-                && check <= Instant::now()
+                && check.at <= Instant::now()
             {
                 self.grace_check = None;
                 // With nobody consuming, a request still unanswered is waiting in the queue,
                 // unless a server took it and stopped consuming (to drain, say) while it
                 // works on it: an empty queue means the request is being served.
-                if session
+                let nobody = session
                     .queue_state()
-                    .is_some_and(|state| state.consumers == 0 && state.waiting > 0)
-                {
+                    .is_some_and(|state| state.consumers == 0 && state.waiting > 0);
+                if nobody && !check.nobody_seen {
+                    // A server replacing its only worker, or restarting at once, consumes
+                    // nothing for a moment: only a second look, on a fresh answer, fails calls.
+                    debug!(
+                        "no server consumes queue '{}' now; looking again in {} s",
+                        self.queue,
+                        QUEUE_STATE_FRESH.as_secs_f64()
+                    );
+                    self.grace_check = Some(GraceCheck {
+                        at: Instant::now() + QUEUE_STATE_FRESH,
+                        nobody_seen: true,
+                    });
+                } else if nobody {
                     debug!("no server consumes queue '{}'", self.queue);
                     let mut given_up = Vec::new();
                     for (index, id) in waiting.drain(..) {
@@ -530,7 +553,7 @@ impl Batch<'_> {
             // Wake for the grace check too.
             let next_deadline = self
                 .grace_check
-                .map_or(next_deadline, |check| check.min(next_deadline));
+                .map_or(next_deadline, |check| check.at.min(next_deadline));
             let event = match role {
                 // The reader's own answers come through its mailbox too, without a wait.
                 Role::Reader => match mailbox.take() {

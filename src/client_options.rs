@@ -29,10 +29,12 @@ pub struct ClientOptions {
     /// How replies come back. Default: [`ReplyRoute::ExclusiveQueue`].
     pub reply_route: ReplyRoute,
     /// How long a call waits before it asks the broker whether any server consumes the server
-    /// queue; when none does and requests wait in it, the call fails with
-    /// [`Error::NoServer`] instead of waiting out its whole timeout. (When none consumes but
-    /// the queue is empty, the request was taken by a server that is draining: the call waits
-    /// for its reply.) A server that restarts within the grace fails nothing. The broker is
+    /// queue; when none does and requests wait in it, the call asks once more a second later,
+    /// and if still none does, fails with [`Error::NoServer`] instead of waiting out its whole
+    /// timeout. (When none consumes but the queue is empty, the request was taken by a server
+    /// that is draining: the call waits for its reply.) A server that restarts within the
+    /// grace fails nothing, nor does one that consumes nothing for less than a second when the
+    /// grace runs out (replacing a worker whose channel the broker closed, say). The broker is
     /// asked only for calls still unanswered after the grace, at most once a second per
     /// client. `Duration::ZERO` turns the check off. Default: 1 s.
     ///

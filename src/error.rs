@@ -71,8 +71,9 @@ pub enum Error {
         state: Option<QueueState>,
     },
 
-    /// The server queue exists, but no server consumed it when the call's grace period
-    /// ([`crate::ClientOptions::no_server_grace`]) ran out.
+    /// The server queue exists, but no server consumed it, with requests waiting, when the
+    /// call's grace period ([`crate::ClientOptions::no_server_grace`]) ran out, nor a second
+    /// later.
     NoServer {
         /// The server queue.
         queue: String,

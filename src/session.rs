@@ -357,6 +357,10 @@ pub(crate) struct Session {
     user: Option<String>,
 }
 
+/// How long an answer of [`Session::queue_state`] is reused: the broker is asked at most this
+/// often per session, so two answers are always at least this far apart.
+pub(crate) const QUEUE_STATE_FRESH: Duration = Duration::from_secs(1);
+
 /// A channel for passive declares of the server queue, and the last answer.
 #[derive(Default)]
 struct Probe {
@@ -518,10 +522,9 @@ impl Session {
     /// since a passive declare of a missing queue closes its channel); `None` when the broker
     /// cannot say.
     pub(crate) fn queue_state(&self) -> Option<QueueState> {
-        const FRESH: Duration = Duration::from_secs(1);
         let mut probe = lock(&self.probe);
         if let Some((asked, state)) = probe.last
-            && asked.elapsed() < FRESH
+            && asked.elapsed() < QUEUE_STATE_FRESH
         {
             return Some(state);
         }

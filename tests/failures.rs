@@ -15,6 +15,7 @@ use amqp_rpc::{
     Call, Client, ClientOptions, Error, FailureKind, HandlerError, QueueOptions, QueueState,
     Request, Server, ServerOptions, fib,
 };
+use common::logs;
 use common::process::{spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
@@ -95,6 +96,25 @@ fn a_server_restarted_within_the_grace_loses_no_call() {
     wait_until("the request waits in the queue", || {
         queued_messages(&queue) == 1
     });
+    let server = start_fib_server(&queue, 1);
+    assert_eq!(call.join().unwrap().unwrap(), b"6765");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_server_back_before_the_second_look_after_the_grace_loses_no_call() {
+    // A server replacing its only worker, or restarting at once, consumes nothing for a moment;
+    // a call whose grace runs out just then must not fail as "no server".
+    logs::capture();
+    let queue = unique_queue("second-look");
+    let _guard = QueueGuard(queue.clone());
+    declare_unconsumed(&queue);
+    let client = client(&queue, Duration::from_secs(20), Duration::from_millis(300));
+    let call = thread::spawn(move || client.call(b"20"));
+    wait_until("the call's first look finds no server", || {
+        logs::logged(&format!("no server consumes queue '{queue}' now"))
+    });
+    // Back within the second that the call gives it before looking again.
     let server = start_fib_server(&queue, 1);
     assert_eq!(call.join().unwrap().unwrap(), b"6765");
     server.shutdown().unwrap();

@@ -7,6 +7,7 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+pub mod logs;
 pub mod process;
 pub mod proxy;
 

@@ -26,7 +26,7 @@ struct Args {
     timeout: f64,
 
     /// Seconds after which a call still unanswered asks the broker whether any server consumes
-    /// the queue, and fails at once if none does; 0 turns the check off.
+    /// the queue; if none does, then nor a second later, the call fails. 0 turns the check off.
     #[arg(long, env = "RPC_NO_SERVER_GRACE", default_value_t = 1.0, value_parser = parse_grace)]
     no_server_grace: f64,
 
