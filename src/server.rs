@@ -864,9 +864,15 @@ fn is_retryable(error: &Error) -> bool {
     !error.is_config()
 }
 
-/// How often an idle worker looks whether shutdown has been asked for; a busy worker looks
-/// before each request. Shutdown stops taking requests at most this late.
+/// How often a worker between requests looks whether shutdown has been asked for; a busy
+/// worker looks before each request. Shutdown stops taking requests at most this late.
 const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// How long a worker goes without a request before it stops polling (see [`STOP_POLL`]) and
+/// sleeps until a request or the stop signal comes. Polling, each of 4 idle workers woke about
+/// 90 times a second (8 of crossbeam's yields and a park per poll), and an idle server used
+/// 0.6% of a core; with more workers (two per core by default) it grows with the machine.
+const SLEEP_AFTER: Duration = Duration::from_millis(100);
 
 /// One worker thread's state: its channel, and the queue it serves.
 struct Worker {
@@ -891,6 +897,7 @@ impl Worker {
         // The last request answered: when the broker then closes the channel, it refused that
         // reply (publishing returns before the broker has seen the message).
         let mut last_answered = None;
+        let mut last_request = Instant::now();
         let failure = loop {
             // The worker waits on its deliveries alone and looks at the stop signal before
             // each request and after each STOP_POLL of idleness, rather than `select!` over the
@@ -902,17 +909,32 @@ impl Worker {
             // `recv_timeout` yields the processor four times before it sleeps (crossbeam's
             // backoff; 17% of the server's perf samples with 8 threads), which `select!` does
             // not; yet on a second machine `select!` over the deliveries alone was again slower
-            // sequentially (0.92x, 7 rounds) and equal with 8 threads (1.01x).
+            // sequentially (0.92x, 7 rounds) and equal with 8 threads (1.01x). Once idle for
+            // SLEEP_AFTER, where speed no longer matters, it waits on both without polling.
             if is_stopped(&self.stop) {
                 break None;
             }
-            let message = match deliveries.recv_timeout(STOP_POLL) {
-                Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    break Some(Error::lost(amiquip::Error::EventLoopDropped));
+            let message = if last_request.elapsed() < SLEEP_AFTER {
+                match deliveries.recv_timeout(STOP_POLL) {
+                    Ok(message) => message,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Some(Error::lost(amiquip::Error::EventLoopDropped));
+                    }
+                }
+            } else {
+                trace!("worker of queue '{queue}' idle: sleeping until a request comes");
+                select! {
+                    recv(deliveries) -> message => match message {
+                        Ok(message) => message,
+                        Err(_) => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
+                    },
+                    // Nothing is ever sent: this ends when every sender is dropped, the stop
+                    // signal.
+                    recv(self.stop) -> _ => break None,
                 }
             };
+            last_request = Instant::now();
             match message {
                 ConsumerMessage::Delivery(delivery) => match self.serve(delivery) {
                     Ok(key) => last_answered = key,

@@ -3,17 +3,17 @@
 
 use std::sync::{Mutex, Once};
 
-use log::{Level, LevelFilter, Log, Metadata, Record};
+use log::{LevelFilter, Log, Metadata, Record};
 
 /// Every captured record's message, oldest first.
 static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// Keeps this crate's records at debug level and above.
+/// Keeps this crate's records, at every level.
 struct Capture;
 
 impl Log for Capture {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.target().starts_with("amqp_rpc") && metadata.level() <= Level::Debug
+        metadata.target().starts_with("amqp_rpc")
     }
 
     fn log(&self, record: &Record) {
@@ -31,11 +31,21 @@ pub fn capture() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
         log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(LevelFilter::Debug);
+        log::set_max_level(LevelFilter::Trace);
     });
 }
 
 /// True once a captured line contains `text`.
 pub fn logged(text: &str) -> bool {
-    LINES.lock().unwrap().iter().any(|line| line.contains(text))
+    times_logged(text) > 0
+}
+
+/// How many captured lines contain `text`.
+pub fn times_logged(text: &str) -> usize {
+    LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains(text))
+        .count()
 }
