@@ -594,10 +594,12 @@ impl Batch<'_> {
                         }
                     }
                     if !expired.is_empty() {
-                        // What the broker knew when the calls gave up explains the timeout.
-                        let state = session.queue_state();
+                        // What the broker knew when the calls gave up explains the timeout,
+                        // unless it was blocking the connection.
+                        let blocked = session.blocked();
+                        let state = blocked.is_none().then(|| session.queue_state()).flatten();
                         for &(index, _) in &expired {
-                            self.time_out(index, state);
+                            self.time_out(index, state, blocked.as_ref());
                             unanswered -= 1;
                         }
                         session.forget(expired.into_iter().map(|(_, id)| id).collect());
@@ -620,11 +622,19 @@ impl Batch<'_> {
         failure.map_or(Ok(()), Err)
     }
 
-    fn time_out(&mut self, index: usize, state: Option<QueueState>) {
-        self.outcomes[index] = Some(Err(Error::Timeout {
-            after: self.timeouts[index],
-            queue: self.queue.clone(),
-            state,
+    fn time_out(&mut self, index: usize, state: Option<QueueState>, blocked: Option<&String>) {
+        let (after, queue) = (self.timeouts[index], self.queue.clone());
+        self.outcomes[index] = Some(Err(match blocked {
+            Some(reason) => Error::Blocked {
+                after,
+                queue,
+                reason: reason.clone(),
+            },
+            None => Error::Timeout {
+                after,
+                queue,
+                state,
+            },
         }));
     }
 

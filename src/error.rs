@@ -71,6 +71,19 @@ pub enum Error {
         state: Option<QueueState>,
     },
 
+    /// No reply arrived within the call's timeout, and the broker was blocking this client's
+    /// connection: a resource alarm (low on memory or disk) stops it reading from publishers,
+    /// so the request may never have left the client. It goes out, and is served, once the
+    /// alarm clears; its late reply is then dropped.
+    Blocked {
+        /// How long the call waited.
+        after: Duration,
+        /// The server queue.
+        queue: String,
+        /// The broker's reason: "low on memory", "low on disk".
+        reason: String,
+    },
+
     /// The server queue exists, but no server consumed it, with requests waiting, when the
     /// call's grace period ([`crate::ClientOptions::no_server_grace`]) ran out, nor a second
     /// later.
@@ -137,9 +150,16 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the call gave up because no reply came in time.
+    /// True when the call gave up because no reply came in time ([`Error::Timeout`], or
+    /// [`Error::Blocked`] when the broker was blocking the connection).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Timeout { .. })
+        matches!(self, Error::Timeout { .. } | Error::Blocked { .. })
+    }
+
+    /// True when the call timed out while the broker was blocking the connection
+    /// ([`Error::Blocked`]).
+    pub fn is_blocked(&self) -> bool {
+        matches!(self, Error::Blocked { .. })
     }
 
     /// True when nothing consumed the server queue.
@@ -205,6 +225,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Timeout { .. }
+            | Error::Blocked { .. }
             | Error::NoServer { .. }
             | Error::NoRoute { .. }
             | Error::ConnectionLost(_)
@@ -300,6 +321,17 @@ impl fmt::Display for Error {
                     None => write!(f, "; the broker could not be asked about the queue"),
                 }
             }
+            Error::Blocked {
+                after,
+                queue,
+                reason,
+            } => write!(
+                f,
+                "timed out after {:.3} s waiting for a reply from queue '{queue}'; the broker \
+                 was blocking this client's connection ({reason}), so the request may not have \
+                 been sent",
+                after.as_secs_f64()
+            ),
             Error::NoServer { queue } => write!(f, "no server is consuming queue '{queue}'"),
             Error::NoRoute { queue } => write!(
                 f,
@@ -350,6 +382,19 @@ impl From<amiquip::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_call_says_it_timed_out_and_why_the_broker_blocked() {
+        let error = Error::Blocked {
+            after: Duration::from_millis(2500),
+            queue: "q".into(),
+            reason: "low on memory".into(),
+        };
+        let message = error.to_string();
+        assert!(message.contains("timed out after 2.500 s"), "{message}");
+        assert!(message.contains("(low on memory)"), "{message}");
+        assert!(error.is_blocked() && error.is_timeout() && error.is_retryable());
+    }
 
     #[test]
     fn a_timeout_says_it_timed_out_after_how_long_and_what_the_broker_knew() {

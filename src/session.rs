@@ -39,8 +39,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, Publish, QueueDeclareOptions,
-    Return,
+    Channel, Connection, ConnectionBlockedNotification, ConsumerMessage, ConsumerOptions, Delivery,
+    Publish, QueueDeclareOptions, Return,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use log::{debug, trace, warn};
@@ -358,6 +358,8 @@ pub(crate) struct Session {
     shared: Arc<Shared>,
     /// For asking the broker about the server queue.
     probe: Mutex<Probe>,
+    /// Whether the broker blocks this connection, from its notifications.
+    blocks: Mutex<Blocks>,
     /// The connection's user, which requests carry as `user_id`, when known.
     user: Option<String>,
 }
@@ -365,6 +367,14 @@ pub(crate) struct Session {
 /// How long an answer of [`Session::queue_state`] is reused: the broker is asked at most this
 /// often per session, so two answers are always at least this far apart.
 pub(crate) const QUEUE_STATE_FRESH: Duration = Duration::from_secs(1);
+
+/// The broker's `connection.blocked` and `connection.unblocked` notifications, read only when
+/// a call needs to know (so never on the hot path), and what the latest one said.
+struct Blocks {
+    notifications: Receiver<ConnectionBlockedNotification>,
+    /// Why the broker blocks the connection, while it does.
+    reason: Option<String>,
+}
 
 /// A channel for passive declares of the server queue, and the last answer.
 #[derive(Default)]
@@ -385,6 +395,10 @@ impl Session {
             mut connection,
             user,
         } = brokers.connect_by(&options.connect, deadline)?;
+        let blocks = Mutex::new(Blocks {
+            notifications: connection.listen_for_connection_blocked()?,
+            reason: None,
+        });
         let channel = connection.open_channel(None)?;
         let returns = channel.listen_for_returns()?;
         let reply_to = match options.reply_route {
@@ -436,6 +450,7 @@ impl Session {
             queue: options.queue.clone(),
             shared,
             probe: Mutex::default(),
+            blocks,
             user,
         })
     }
@@ -529,11 +544,36 @@ impl Session {
         }
     }
 
+    /// Why the broker blocks this connection (a resource alarm: "low on memory", "low on
+    /// disk"), while it does. Such a broker reads nothing more from the connection until the
+    /// alarm clears: requests published meanwhile wait unsent, and a question to the broker
+    /// would wait for its answer as long.
+    pub(crate) fn blocked(&self) -> Option<String> {
+        let mut blocks = lock(&self.blocks);
+        while let Ok(notification) = blocks.notifications.try_recv() {
+            blocks.reason = match notification {
+                ConnectionBlockedNotification::Blocked(reason) => {
+                    warn!("the broker blocks this client's connection: {reason}");
+                    Some(reason)
+                }
+                ConnectionBlockedNotification::Unblocked => {
+                    warn!("the broker no longer blocks this client's connection");
+                    None
+                }
+            };
+        }
+        blocks.reason.clone()
+    }
+
     /// What the broker says of the server queue now: its consumers and waiting requests.
     /// Asked at most once a second per session (a passive declare on a channel of its own,
     /// since a passive declare of a missing queue closes its channel); `None` when the broker
-    /// cannot say.
+    /// cannot say, or while it blocks the connection (see [`Session::blocked`]), when it would
+    /// not answer until the block lifts.
     pub(crate) fn queue_state(&self) -> Option<QueueState> {
+        if self.blocked().is_some() {
+            return None;
+        }
         let mut probe = lock(&self.probe);
         if let Some((asked, state)) = probe.last
             && asked.elapsed() < QUEUE_STATE_FRESH

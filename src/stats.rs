@@ -97,7 +97,7 @@ impl LatencyRecorder {
 /// Errors by what happened, as a client counts them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrorCounts {
-    /// [`Error::Timeout`].
+    /// [`Error::Timeout`] and [`Error::Blocked`].
     pub timeout: u64,
     /// [`Error::NoRoute`].
     pub no_route: u64,
@@ -226,7 +226,7 @@ impl ClientCounters {
                 self.replies.fetch_add(1, Ordering::Relaxed);
                 &self.remote[kind_index(*kind)]
             }
-            Err(Error::Timeout { .. }) => &self.timeout,
+            Err(Error::Timeout { .. } | Error::Blocked { .. }) => &self.timeout,
             Err(Error::NoRoute { .. }) => &self.no_route,
             Err(Error::NoServer { .. }) => &self.no_server,
             Err(Error::ConnectionLost(_)) => &self.connection_lost,
