@@ -1,4 +1,4 @@
-//! Opening a tuned AMQP connection from a URL.
+//! Opening a tuned AMQP connection from a URL, and closing it within a bound.
 //!
 //! amiquip's own `Connection::insecure_open` leaves Nagle's algorithm on, which stalls every
 //! request/reply exchange for about 40 ms on delayed ACKs. Here the TCP stream is opened by hand
@@ -6,9 +6,10 @@
 //! `docs/amiquip.md`). Only [`ConnectOptions`] and [`DEFAULT_URL`] are public; the rest is
 //! plumbing for the client and the server.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Auth, Connection, ConnectionOptions, ConnectionTuning, Publish};
@@ -163,7 +164,49 @@ fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
 /// client certificate, [`TlsOptions::external_user`] (confirmed by the broker) or `None`.
 pub(crate) struct Connected {
     pub(crate) connection: Connection,
+    /// The connection's own TCP socket, for [`close`] to cut.
+    pub(crate) socket: TcpStream,
     pub(crate) user: Option<String>,
+}
+
+/// How long [`close`] waits for the broker to confirm before it cuts the connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Closes `connection`, waiting at most [`CLOSE_WAIT`] for the broker to confirm; past it,
+/// shuts down `socket` (the connection's own), which ends amiquip's I/O thread and the close
+/// with it. A broker that blocks the connection for a resource alarm reads nothing from it,
+/// the close included, and would otherwise keep the closing thread (a client dropped, a
+/// server shutting down) until the alarm clears. The close runs on a short-lived thread of
+/// its own, since amiquip's close has no timeout.
+///
+/// # Errors
+///
+/// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the close,
+/// and [`Error::Internal`] when the closing thread cannot start.
+pub(crate) fn close(connection: Connection, socket: &TcpStream) -> Result<()> {
+    let (closed_sender, closed) = crossbeam_channel::bounded(1);
+    let closer = thread::Builder::new()
+        .name("rpc-close".into())
+        .spawn(move || {
+            let _ = closed_sender.send(connection.close());
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a thread to close with: {e}")))?;
+    let outcome = match closed.recv_timeout(CLOSE_WAIT) {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            warn!(
+                "the broker did not confirm closing the connection within {} s (does a \
+                 resource alarm block it?): cutting it",
+                CLOSE_WAIT.as_secs()
+            );
+            let _ = socket.shutdown(Shutdown::Both);
+            closed
+                .recv()
+                .unwrap_or(Err(amiquip::Error::EventLoopDropped))
+        }
+    };
+    let _ = closer.join();
+    Ok(outcome?)
 }
 
 /// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
@@ -250,9 +293,9 @@ impl Brokers {
                 }
                 options.connect_timeout = options.connect_timeout.min(left);
             }
-            match open_address(address, &options)
-                .and_then(|connection| with_user(connection, address, &options.tls))
-            {
+            match open_address(address, &options).and_then(|(connection, socket)| {
+                with_user(connection, socket, address, &options.tls)
+            }) {
                 Ok(connected) => {
                     self.next.store(index + 1, Ordering::Relaxed);
                     return Ok(connected);
@@ -279,12 +322,14 @@ impl Brokers {
 /// Those of [`confirm_external_user`].
 fn with_user(
     mut connection: Connection,
+    socket: TcpStream,
     address: &BrokerAddress,
     tls: &TlsOptions,
 ) -> Result<Connected> {
     if !(address.tls && tls.external_auth) {
         return Ok(Connected {
             connection,
+            socket,
             user: Some(address.username.clone()),
         });
     }
@@ -293,6 +338,7 @@ fn with_user(
     }
     Ok(Connected {
         connection,
+        socket,
         user: tls.external_user.clone(),
     })
 }
@@ -357,7 +403,11 @@ const FRAMES_QUEUED_PER_CHANNEL: usize = 128;
 /// timeout;
 /// [`Error::ConnectionLost`] when the broker drops the connection during the handshake;
 /// [`Error::Amqp`] when it refuses it otherwise (an unknown vhost).
-fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Connection> {
+/// The connection, and its TCP socket (a second handle on it) for [`close`] to cut.
+fn open_address(
+    address: &BrokerAddress,
+    options: &ConnectOptions,
+) -> Result<(Connection, TcpStream)> {
     let external = address.tls && options.tls.external_auth;
     // Read before connecting: a missing file is a configuration error, not a network one.
     let connector = if address.tls {
@@ -380,6 +430,9 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
         .heartbeat(options.heartbeat)
         .connection_timeout(Some(options.connect_timeout))
         .information(Some(options.connection_name.clone()));
+    let socket = stream
+        .try_clone()
+        .map_err(|source| connect_error(address, source))?;
     let stream = mio::net::TcpStream::from_stream(stream)
         .map_err(|source| connect_error(address, source))?;
     let tuning = ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL);
@@ -426,7 +479,7 @@ fn open_address(address: &BrokerAddress, options: &ConnectOptions) -> Result<Con
         other => Error::from_amqp(other),
     })?;
     debug!("connected to {}", url_for_display(address));
-    Ok(connection)
+    Ok((connection, socket))
 }
 
 /// A TLS connector that trusts the system's CAs and `tls.ca_file`, and presents

@@ -20,7 +20,7 @@
 //! finish, reply and ack, and closes the connection.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -33,7 +33,7 @@ use amiquip::{
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
-use crate::connect::{Brokers, ConnectOptions, Connected};
+use crate::connect::{self, Brokers, ConnectOptions, Connected};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::message::{HandlerError, Reply, Request};
@@ -584,6 +584,7 @@ impl Supervisor {
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
         let Some(Connected {
             mut connection,
+            socket,
             user,
         }) = self.connect()?
         else {
@@ -597,7 +598,7 @@ impl Supervisor {
             for _ in 0..service.options.workers {
                 let channel = connection.open_channel(None)?;
                 if let Err(error) = pool.spawn(Arc::clone(service), channel) {
-                    let _ = connection.close();
+                    let _ = connect::close(connection, &socket);
                     pool.join();
                     return Err(error);
                 }
@@ -636,13 +637,13 @@ impl Supervisor {
         match failure {
             None => {
                 self.set_health(Health::Draining);
-                self.drain(connection, pool);
+                self.drain(connection, &socket, pool);
                 Ok(SessionEnd::Stopped)
             }
             Some(error) => {
                 // Closing the connection ends the other workers; their unacked requests go back
                 // to the queue.
-                let _ = connection.close();
+                let _ = connect::close(connection, &socket);
                 pool.join();
                 if is_stopped(&self.stop) {
                     return Ok(SessionEnd::Stopped);
@@ -690,7 +691,7 @@ impl Supervisor {
     /// Shutdown: each worker finishes its request, replies, acks, cancels and returns, within
     /// [`ServerOptions::drain_timeout`]. Requests still running then stay unacked: closing the
     /// connection sends them back to the queue, for another server.
-    fn drain(&self, connection: Connection, mut pool: Pool) {
+    fn drain(&self, connection: Connection, socket: &TcpStream, mut pool: Pool) {
         let give_up = deadline_after(Instant::now(), self.options.drain_timeout);
         while pool.running > 0 {
             match pool.ended.recv_deadline(give_up) {
@@ -705,14 +706,15 @@ impl Supervisor {
         }
         if pool.running > 0 {
             warn!(
-                "{} requests still running after the drain timeout of {:.1} s: closing the \
-                 connection sends them back to the queue",
+                "{} workers still busy after the drain timeout of {:.1} s (a request still \
+                 running, or a broker that blocks the connection): closing the connection \
+                 sends their unacked requests back to the queue",
                 pool.running,
                 self.options.drain_timeout.as_secs_f64()
             );
         }
         let finished = pool.running == 0;
-        if let Err(error) = connection.close() {
+        if let Err(error) = connect::close(connection, socket) {
             warn!("closing the connection failed: {error}");
         }
         if finished {

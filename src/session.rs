@@ -34,6 +34,7 @@
 //! connection, which ends the consumer with it.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::TcpStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ use log::{debug, trace, warn};
 use uuid::Uuid;
 
 use crate::client_options::{ClientOptions, ReplyRoute};
-use crate::connect::{Brokers, Connected};
+use crate::connect::{self, Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
@@ -352,6 +353,8 @@ pub(crate) struct Session {
     channel: Mutex<Channel>,
     /// `None` once closed.
     connection: Mutex<Option<Connection>>,
+    /// The connection's TCP socket, for a close the broker does not confirm to cut.
+    socket: TcpStream,
     reply_to: String,
     /// The server queue, as the routing key of requests.
     queue: String,
@@ -393,6 +396,7 @@ impl Session {
     ) -> Result<Session> {
         let Connected {
             mut connection,
+            socket,
             user,
         } = brokers.connect_by(&options.connect, deadline)?;
         let blocks = Mutex::new(Blocks {
@@ -446,6 +450,7 @@ impl Session {
         Ok(Session {
             channel: Mutex::new(channel),
             connection: Mutex::new(Some(connection)),
+            socket,
             reply_to,
             queue: options.queue.clone(),
             shared,
@@ -635,22 +640,26 @@ impl Session {
         self.shared.read(deadline);
     }
 
-    /// Closes the connection, which ends the reply consumer.
+    /// Closes the connection, which ends the reply consumer, within a bound (see
+    /// [`connect::close`]).
     ///
     /// # Errors
     ///
     /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the
     /// close.
     pub(crate) fn close(&self) -> Result<()> {
-        // Closed while the connection still lives.
-        drop(lock(&self.probe).channel.take());
+        let probe = lock(&self.probe).channel.take();
         let connection = lock(&self.connection).take();
         self.shared
             .break_with(Error::lost(amiquip::Error::ClientClosedConnection));
-        match connection {
-            Some(connection) => Ok(connection.close()?),
+        let closed = match connection {
+            Some(connection) => connect::close(connection, &self.socket),
             None => Ok(()),
-        }
+        };
+        // Dropped once the connection is closed: closing the channel first would wait for a
+        // broker that blocks the connection, as long as the alarm lasts.
+        drop(probe);
+        closed
     }
 }
 

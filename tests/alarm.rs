@@ -4,15 +4,24 @@
 //! say why, instead of hanging until the alarm clears.
 //!
 //! A test binary of its own: the alarm blocks every publisher on the broker, so no other test
-//! may run meanwhile (`cargo test` runs test binaries one after another).
+//! may run meanwhile (`cargo test` runs test binaries one after another), and its own tests
+//! take turns.
 
 mod common;
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use common::{QueueGuard, client_for, rabbitmqctl, start_fib_server, unique_queue, wait_until};
+use amqp_rpc::{QueueOptions, Request, Server, ServerOptions};
+use common::{
+    QueueGuard, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
+    start_fib_server, unacked_messages, unique_queue, wait_until,
+};
+
+/// Held by each test for its whole run: one test's alarm would block the other's calls.
+static ALONE: Mutex<()> = Mutex::new(());
 
 /// The broker's disk alarm, raised while this lives.
 struct DiskAlarm;
@@ -39,41 +48,98 @@ impl Drop for DiskAlarm {
     }
 }
 
+/// Runs `work` on a thread of its own and returns its outcome, or `None` if it has not ended
+/// within `bound`: a call that hangs fails the test (and the alarm is cleared) instead of
+/// hanging it too.
+fn within<T: Send + 'static>(
+    bound: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (done, outcome) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    outcome.recv_timeout(bound).ok()
+}
+
 #[test]
-fn a_call_while_the_broker_blocks_publishers_ends_at_its_timeout_and_says_why() {
+fn while_the_broker_blocks_publishers_calls_end_at_their_timeout_and_clients_close() {
+    let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
     let queue = unique_queue("alarm");
     let _guard = QueueGuard(queue.clone());
     let server = start_fib_server(&queue, 1);
     let client = client_for(&queue, Duration::from_secs(10));
+    let doomed = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"10").unwrap(), b"55");
+    assert_eq!(doomed.call(b"10").unwrap(), b"55");
 
     let alarm = DiskAlarm::raise();
-    let call = {
-        let (client, (done, outcome)) = (client.clone(), mpsc::channel());
-        thread::spawn(move || {
-            let _ = done.send(client.call_with_timeout(b"11", Duration::from_secs(1)));
-        });
-        outcome
-    };
-    // Bounded, so that a call that hangs fails the test (and the alarm is cleared) instead of
-    // hanging it too: before, the call asked the blocked broker about the queue when it timed
-    // out, and waited for the answer until the alarm cleared.
-    let error = call
-        .recv_timeout(Duration::from_secs(10))
+    for caller in [&client, &doomed] {
+        let caller = caller.clone();
+        // Before, a call that timed out asked the blocked broker about the queue, and waited
+        // for the answer until the alarm cleared.
+        let error = within(Duration::from_secs(10), move || {
+            caller.call_with_timeout(b"11", Duration::from_secs(1))
+        })
         .expect("the call ends at its timeout, not when the alarm clears")
         .unwrap_err();
-    assert!(error.is_blocked(), "{error:?}");
-    assert!(error.is_timeout() && error.is_retryable(), "{error:?}");
-    let message = error.to_string();
-    assert!(message.contains("timed out after 1.000 s"), "{message}");
-    assert!(
-        message.contains("blocking this client's connection (low on disk)"),
-        "{message}"
-    );
+        assert!(error.is_blocked(), "{error:?}");
+        assert!(error.is_timeout() && error.is_retryable(), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("timed out after 1.000 s"), "{message}");
+        assert!(
+            message.contains("blocking this client's connection (low on disk)"),
+            "{message}"
+        );
+    }
+    // The broker does not read the close either: the client cuts the connection after a while
+    // instead of waiting for the alarm to clear.
+    let closed = within(Duration::from_secs(15), move || doomed.close())
+        .expect("closing a blocked client ends, not when the alarm clears");
+    assert!(closed.is_err_and(|error| error.is_connection_lost()));
 
-    // Once the alarm clears, the client calls on, on the same connection.
+    // Once the alarm clears, the other client calls on, on the same connection.
     drop(alarm);
     assert_eq!(client.call(b"12").unwrap(), b"144");
     assert_eq!(client.stats().errors.timeout, 1);
     server.shutdown().unwrap();
+}
+
+#[test]
+fn a_server_whose_connection_the_broker_blocks_still_shuts_down() {
+    let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
+    let queue = unique_queue("alarm-server");
+    let _guard = QueueGuard(queue.clone());
+    let released = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&released);
+    let server = Server::builder(&require_broker())
+        .options(ServerOptions {
+            drain_timeout: Duration::from_secs(1),
+            ..ServerOptions::default()
+        })
+        .serve(&queue, QueueOptions::with_workers(1), move |_: &Request| {
+            hold_until(&held);
+            Ok(b"done".to_vec())
+        })
+        .start()
+        .unwrap();
+    publish_request(&queue, b"held");
+    wait_until("the handler holds the request", || {
+        unacked_messages(&queue) == 1
+    });
+
+    let alarm = DiskAlarm::raise();
+    // The reply is the server's first publish under the alarm: the broker blocks its
+    // connection, and reads neither the ack, nor the channel's close, nor the connection's.
+    released.store(true, Ordering::SeqCst);
+    wait_until("the broker blocks the server's connection", || {
+        rabbitmqctl(&["list_connections", "state", "--no-table-headers", "-q"])
+            .lines()
+            .any(|state| state.trim() == "blocked")
+    });
+    // Within the drain timeout and the wait for the close, then the connection is cut.
+    within(Duration::from_secs(20), move || server.shutdown())
+        .expect("the server stops, not when the alarm clears")
+        .expect("a stop is not an error, even with its connection cut");
+    drop(alarm);
 }
