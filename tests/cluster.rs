@@ -48,6 +48,31 @@ fn rabbitmqctl_on(node: usize, args: &[&str]) {
     common::rabbitmqctl(&[&["-q", "-n", &name], args].concat());
 }
 
+/// One node of the test cluster, its app stopped while this lives and started again when it is
+/// dropped, by a failing test too: a test that fails while a node is down must not take the
+/// node from the tests after it.
+struct StoppedNode(usize);
+
+impl StoppedNode {
+    fn stop(node: usize) -> StoppedNode {
+        rabbitmqctl_on(node, &["stop_app"]);
+        StoppedNode(node)
+    }
+}
+
+impl Drop for StoppedNode {
+    fn drop(&mut self) {
+        let name = format!("rabbit-{}@localhost", NODES[self.0].0);
+        // Not `rabbitmqctl_on`: a panic here, while a failing test unwinds, would abort.
+        let started = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", &name, "start_app"])
+            .status();
+        if !started.as_ref().is_ok_and(|status| status.success()) {
+            eprintln!("could not start node {name} again: {started:?}");
+        }
+    }
+}
+
 /// Fails, saying how to start it, unless every node of the test cluster accepts connections.
 fn require_cluster() {
     for (name, port) in NODES {
@@ -184,13 +209,14 @@ fn a_server_rides_out_a_restart_of_its_only_broker_and_declares_its_queue_again(
     let client = amqp_rpc::Client::with_options(&url(1), client_options).unwrap();
     assert_eq!(client.call(b"10").unwrap(), b"55");
 
-    rabbitmqctl_on(0, &["stop_app"]);
+    let stopped = StoppedNode::stop(0);
     // The queue lived on c1: while c1 is down, nobody has declared it.
-    assert!(matches!(
-        client.call(b"10"),
-        Err(amqp_rpc::Error::NoRoute { .. })
-    ));
-    rabbitmqctl_on(0, &["start_app"]);
+    let outcome = client.call(b"10");
+    assert!(
+        matches!(outcome, Err(amqp_rpc::Error::NoRoute { .. })),
+        "{outcome:?}"
+    );
+    drop(stopped);
 
     let give_up = std::time::Instant::now() + Duration::from_secs(30);
     let answered = loop {
@@ -228,9 +254,9 @@ fn bench_through_the_loss_of_c1(retry: bool) -> BenchReport {
         thread::spawn(move || bench(&urls_from(0), &queue, 6000, extra))
     };
     thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl_on(0, &["stop_app"]);
+    let stopped = StoppedNode::stop(0);
     thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl_on(0, &["start_app"]);
+    drop(stopped);
     let report = load.join().unwrap();
     first.shutdown().unwrap();
     second.shutdown().unwrap();
