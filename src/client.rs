@@ -488,6 +488,19 @@ impl Batch<'_> {
     ///
     /// The error that broke the session; the calls it left unanswered stay pending.
     fn exchange(&mut self, session: &Session) -> Result<()> {
+        if let Some(reason) = session.blocked() {
+            // The broker would not read the requests: they would wait unsent in memory and,
+            // past amiquip's 16 MiB of unsent bytes, block the publishing thread with the
+            // channel's lock held, and every caller behind it. The caller hears it now.
+            for index in std::mem::take(&mut self.pending) {
+                self.outcomes[index] = Some(Err(Error::Blocked {
+                    queue: self.queue.clone(),
+                    reason: reason.clone(),
+                    after: None,
+                }));
+            }
+            return Ok(());
+        }
         let mailbox = Arc::new(Mailbox::default());
         let now = Instant::now();
         let (ids, mut role) = session.start(
@@ -626,9 +639,9 @@ impl Batch<'_> {
         let (after, queue) = (self.timeouts[index], self.queue.clone());
         self.outcomes[index] = Some(Err(match blocked {
             Some(reason) => Error::Blocked {
-                after,
                 queue,
                 reason: reason.clone(),
+                after: Some(after),
             },
             None => Error::Timeout {
                 after,

@@ -71,17 +71,18 @@ pub enum Error {
         state: Option<QueueState>,
     },
 
-    /// No reply arrived within the call's timeout, and the broker was blocking this client's
-    /// connection: a resource alarm (low on memory or disk) stops it reading from publishers,
-    /// so the request may never have left the client. It goes out, and is served, once the
-    /// alarm clears; its late reply is then dropped.
+    /// The broker blocks this client's connection: a resource alarm (low on memory or disk)
+    /// stops it reading from publishers until the alarm clears. A call made while the client
+    /// knows it is not sent (`after` is `None`); a call sent before the client knew, and not
+    /// answered within its timeout, may not have left the client (`after` is its timeout): it
+    /// goes out, and is served, once the alarm clears, and its late reply is dropped.
     Blocked {
-        /// How long the call waited.
-        after: Duration,
         /// The server queue.
         queue: String,
         /// The broker's reason: "low on memory", "low on disk".
         reason: String,
+        /// How long the call waited, when it was sent and timed out.
+        after: Option<Duration>,
     },
 
     /// The server queue exists, but no server consumed it, with requests waiting, when the
@@ -151,13 +152,16 @@ pub enum Error {
 
 impl Error {
     /// True when the call gave up because no reply came in time ([`Error::Timeout`], or
-    /// [`Error::Blocked`] when the broker was blocking the connection).
+    /// [`Error::Blocked`] for a call sent while the broker was blocking the connection).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::Blocked { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Blocked { after: Some(_), .. }
+        )
     }
 
-    /// True when the call timed out while the broker was blocking the connection
-    /// ([`Error::Blocked`]).
+    /// True when the broker was blocking the connection ([`Error::Blocked`]): the call was
+    /// not sent, or timed out.
     pub fn is_blocked(&self) -> bool {
         matches!(self, Error::Blocked { .. })
     }
@@ -322,15 +326,24 @@ impl fmt::Display for Error {
                 }
             }
             Error::Blocked {
-                after,
                 queue,
                 reason,
+                after: Some(after),
             } => write!(
                 f,
                 "timed out after {:.3} s waiting for a reply from queue '{queue}'; the broker \
                  was blocking this client's connection ({reason}), so the request may not have \
                  been sent",
                 after.as_secs_f64()
+            ),
+            Error::Blocked {
+                queue,
+                reason,
+                after: None,
+            } => write!(
+                f,
+                "not sent to queue '{queue}': the broker is blocking this client's connection \
+                 ({reason})"
             ),
             Error::NoServer { queue } => write!(f, "no server is consuming queue '{queue}'"),
             Error::NoRoute { queue } => write!(
@@ -385,15 +398,21 @@ mod tests {
 
     #[test]
     fn a_blocked_call_says_it_timed_out_and_why_the_broker_blocked() {
-        let error = Error::Blocked {
-            after: Duration::from_millis(2500),
+        let blocked = |after| Error::Blocked {
             queue: "q".into(),
             reason: "low on memory".into(),
+            after,
         };
-        let message = error.to_string();
+        let timed_out = blocked(Some(Duration::from_millis(2500)));
+        let message = timed_out.to_string();
         assert!(message.contains("timed out after 2.500 s"), "{message}");
         assert!(message.contains("(low on memory)"), "{message}");
-        assert!(error.is_blocked() && error.is_timeout() && error.is_retryable());
+        assert!(timed_out.is_blocked() && timed_out.is_timeout() && timed_out.is_retryable());
+        let not_sent = blocked(None);
+        let message = not_sent.to_string();
+        assert!(message.starts_with("not sent to queue 'q'"), "{message}");
+        assert!(message.contains("(low on memory)"), "{message}");
+        assert!(not_sent.is_blocked() && !not_sent.is_timeout() && not_sent.is_retryable());
     }
 
     #[test]

@@ -35,6 +35,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -362,7 +363,7 @@ pub(crate) struct Session {
     /// For asking the broker about the server queue.
     probe: Mutex<Probe>,
     /// Whether the broker blocks this connection, from its notifications.
-    blocks: Mutex<Blocks>,
+    blocks: Blocks,
     /// The connection's user, which requests carry as `user_id`, when known.
     user: Option<String>,
 }
@@ -371,12 +372,14 @@ pub(crate) struct Session {
 /// often per session, so two answers are always at least this far apart.
 pub(crate) const QUEUE_STATE_FRESH: Duration = Duration::from_secs(1);
 
-/// The broker's `connection.blocked` and `connection.unblocked` notifications, read only when
-/// a call needs to know (so never on the hot path), and what the latest one said.
+/// The broker's `connection.blocked` and `connection.unblocked` notifications, read when a
+/// call starts or times out, and what the latest one said.
 struct Blocks {
     notifications: Receiver<ConnectionBlockedNotification>,
+    /// True while `reason` is set, for the look every call takes without the lock.
+    blocked: AtomicBool,
     /// Why the broker blocks the connection, while it does.
-    reason: Option<String>,
+    reason: Mutex<Option<String>>,
 }
 
 /// A channel for passive declares of the server queue, and the last answer.
@@ -399,10 +402,11 @@ impl Session {
             socket,
             user,
         } = brokers.connect_by(&options.connect, deadline)?;
-        let blocks = Mutex::new(Blocks {
+        let blocks = Blocks {
             notifications: connection.listen_for_connection_blocked()?,
-            reason: None,
-        });
+            blocked: AtomicBool::new(false),
+            reason: Mutex::new(None),
+        };
         let channel = connection.open_channel(None)?;
         let returns = channel.listen_for_returns()?;
         let reply_to = match options.reply_route {
@@ -554,9 +558,14 @@ impl Session {
     /// alarm clears: requests published meanwhile wait unsent, and a question to the broker
     /// would wait for its answer as long.
     pub(crate) fn blocked(&self) -> Option<String> {
-        let mut blocks = lock(&self.blocks);
+        let blocks = &self.blocks;
+        // What every call sees: not blocked, and no news; no lock taken.
+        if !blocks.blocked.load(Ordering::Acquire) && blocks.notifications.is_empty() {
+            return None;
+        }
+        let mut reason = lock(&blocks.reason);
         while let Ok(notification) = blocks.notifications.try_recv() {
-            blocks.reason = match notification {
+            *reason = match notification {
                 ConnectionBlockedNotification::Blocked(reason) => {
                     warn!("the broker blocks this client's connection: {reason}");
                     Some(reason)
@@ -567,7 +576,8 @@ impl Session {
                 }
             };
         }
-        blocks.reason.clone()
+        blocks.blocked.store(reason.is_some(), Ordering::Release);
+        reason.clone()
     }
 
     /// What the broker says of the server queue now: its consumers and waiting requests.

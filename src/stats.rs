@@ -97,7 +97,7 @@ impl LatencyRecorder {
 /// Errors by what happened, as a client counts them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrorCounts {
-    /// [`Error::Timeout`] and [`Error::Blocked`].
+    /// [`Error::Timeout`], and [`Error::Blocked`] for calls that were sent and timed out.
     pub timeout: u64,
     /// [`Error::NoRoute`].
     pub no_route: u64,
@@ -109,7 +109,8 @@ pub struct ErrorCounts {
     pub connection_lost: u64,
     /// [`Error::Overloaded`]: calls refused by the client's own cap.
     pub overloaded: u64,
-    /// Every other error (connecting, refused by the broker, an invalid reply...).
+    /// Every other error (connecting, refused by the broker, an invalid reply, not sent to a
+    /// broker that blocks the connection...).
     pub other: u64,
 }
 
@@ -226,7 +227,7 @@ impl ClientCounters {
                 self.replies.fetch_add(1, Ordering::Relaxed);
                 &self.remote[kind_index(*kind)]
             }
-            Err(Error::Timeout { .. } | Error::Blocked { .. }) => &self.timeout,
+            Err(Error::Timeout { .. } | Error::Blocked { after: Some(_), .. }) => &self.timeout,
             Err(Error::NoRoute { .. }) => &self.no_route,
             Err(Error::NoServer { .. }) => &self.no_server,
             Err(Error::ConnectionLost(_)) => &self.connection_lost,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use amqp_rpc::{QueueOptions, Request, Server, ServerOptions};
+use amqp_rpc::{Error, QueueOptions, Request, Server, ServerOptions};
 use common::{
     QueueGuard, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
     start_fib_server, unacked_messages, unique_queue, wait_until,
@@ -92,15 +92,31 @@ fn while_the_broker_blocks_publishers_calls_end_at_their_timeout_and_clients_clo
             "{message}"
         );
     }
+    // Now that the client knows, a call is not even sent: it would wait in memory, unread.
+    let error = client
+        .call_with_timeout(b"13", Duration::from_secs(1))
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::Blocked { after: None, .. }),
+        "{error:?}"
+    );
+    assert!(error.is_retryable() && !error.is_timeout(), "{error:?}");
+    let message = error.to_string();
+    assert!(message.starts_with("not sent to queue"), "{message}");
+    assert!(message.contains("(low on disk)"), "{message}");
+
     // The broker does not read the close either: the client cuts the connection after a while
     // instead of waiting for the alarm to clear.
     let closed = within(Duration::from_secs(15), move || doomed.close())
         .expect("closing a blocked client ends, not when the alarm clears");
     assert!(closed.is_err_and(|error| error.is_connection_lost()));
 
-    // Once the alarm clears, the other client calls on, on the same connection.
+    // Once the alarm clears, the other client calls on, on the same connection, as soon as
+    // it has heard so.
     drop(alarm);
-    assert_eq!(client.call(b"12").unwrap(), b"144");
+    wait_until("the client calls on", || {
+        client.call(b"12").is_ok_and(|reply| reply == b"144")
+    });
     assert_eq!(client.stats().errors.timeout, 1);
     server.shutdown().unwrap();
 }
