@@ -43,9 +43,9 @@ fn urls_from(first: usize) -> String {
 }
 
 /// Runs `rabbitmqctl` against one node of the test cluster.
-fn rabbitmqctl_on(node: usize, args: &[&str]) {
+fn rabbitmqctl_on(node: usize, args: &[&str]) -> String {
     let name = format!("rabbit-{}@localhost", NODES[node].0);
-    common::rabbitmqctl(&[&["-q", "-n", &name], args].concat());
+    common::rabbitmqctl(&[&["-q", "-n", &name], args].concat())
 }
 
 /// One node of the test cluster, its app stopped while this lives and started again when it is
@@ -210,7 +210,13 @@ fn a_server_rides_out_a_restart_of_its_only_broker_and_declares_its_queue_again(
     assert_eq!(client.call(b"10").unwrap(), b"55");
 
     let stopped = StoppedNode::stop(0);
-    // The queue lived on c1: while c1 is down, nobody has declared it.
+    // The queue lived on c1: while c1 is down, nobody has declared it, once c2 has deleted
+    // it (c2 does so when it sees c1 go, a moment after c1 has stopped).
+    common::wait_until("c2 forgets the queue that lived on c1", || {
+        !rabbitmqctl_on(1, &["list_queues", "name", "--no-table-headers"])
+            .lines()
+            .any(|name| name.trim() == queue)
+    });
     let outcome = client.call(b"10");
     assert!(
         matches!(outcome, Err(amqp_rpc::Error::NoRoute { .. })),
