@@ -44,8 +44,12 @@ fn urls_from(first: usize) -> String {
 
 /// Runs `rabbitmqctl` against one node of the test cluster.
 fn rabbitmqctl_on(node: usize, args: &[&str]) -> String {
-    let name = format!("rabbit-{}@localhost", NODES[node].0);
-    common::rabbitmqctl(&[&["-q", "-n", &name], args].concat())
+    common::rabbitmqctl(&[&["-q", "-n", &node_name(node)], args].concat())
+}
+
+/// The Erlang node name of one node of the test cluster, as `rabbitmqctl -n` takes it.
+fn node_name(node: usize) -> String {
+    format!("rabbit-{}@localhost", NODES[node].0)
 }
 
 /// One node of the test cluster, its app stopped while this lives and started again when it is
@@ -62,7 +66,7 @@ impl StoppedNode {
 
 impl Drop for StoppedNode {
     fn drop(&mut self) {
-        let name = format!("rabbit-{}@localhost", NODES[self.0].0);
+        let name = node_name(self.0);
         // Not `rabbitmqctl_on`: a panic here, while a failing test unwinds, would abort.
         let started = std::process::Command::new("rabbitmqctl")
             .args(["-q", "-n", &name, "start_app"])
