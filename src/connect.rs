@@ -184,11 +184,25 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the close,
 /// and [`Error::Internal`] when the closing thread cannot start.
 pub(crate) fn close(connection: Connection, socket: &TcpStream) -> Result<()> {
+    close_when_free(move || Some(connection), socket)
+}
+
+/// As [`close`], for a connection that `take` gets on the closing thread: it may wait there
+/// for another thread's use of the connection to end, which the cut ends too (a channel being
+/// opened while the broker does not answer, say). Nothing is closed when `take` finds none.
+///
+/// # Errors
+///
+/// As [`close`].
+pub(crate) fn close_when_free(
+    take: impl FnOnce() -> Option<Connection> + Send + 'static,
+    socket: &TcpStream,
+) -> Result<()> {
     let (closed_sender, closed) = crossbeam_channel::bounded(1);
     let closer = thread::Builder::new()
         .name("rpc-close".into())
         .spawn(move || {
-            let _ = closed_sender.send(connection.close());
+            let _ = closed_sender.send(take().map_or(Ok(()), Connection::close));
         })
         .map_err(|e| Error::Internal(format!("cannot start a thread to close with: {e}")))?;
     let outcome = match closed.recv_timeout(CLOSE_WAIT) {
@@ -196,7 +210,7 @@ pub(crate) fn close(connection: Connection, socket: &TcpStream) -> Result<()> {
         Err(_) => {
             warn!(
                 "the broker did not confirm closing the connection within {} s (does a \
-                 resource alarm block it?): cutting it",
+                 resource alarm block it, or has it stopped answering?): cutting it",
                 CLOSE_WAIT.as_secs()
             );
             let _ = socket.shutdown(Shutdown::Both);

@@ -67,7 +67,8 @@ pub enum Error {
         after: Duration,
         /// The server queue.
         queue: String,
-        /// What the broker knew of the queue at that moment, when it could be asked.
+        /// What the broker knew of the queue at that moment, when it could be asked and
+        /// answered within 0.25 s (a broker that has stopped answering does not).
         state: Option<QueueState>,
     },
 

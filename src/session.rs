@@ -353,7 +353,7 @@ pub(crate) struct Session {
     /// The channel every caller publishes on; it also carries the reply consumer.
     channel: Mutex<Channel>,
     /// `None` once closed.
-    connection: Mutex<Option<Connection>>,
+    connection: Arc<Mutex<Option<Connection>>>,
     /// The connection's TCP socket, for a close the broker does not confirm to cut.
     socket: TcpStream,
     reply_to: String,
@@ -382,10 +382,25 @@ struct Blocks {
     reason: Mutex<Option<String>>,
 }
 
+/// How long [`Session::queue_state`] waits for the broker's answer. A broker that answers at
+/// all answers a passive declare within milliseconds; one that has stopped answering without
+/// closing the connection (a paused machine, a network that TCP has not yet seen fail, a
+/// block that began while the question was out) would otherwise hold a call that timed out
+/// until its heartbeat ran out or the broker came back.
+const QUEUE_STATE_WAIT: Duration = Duration::from_millis(250);
+
+/// A passive declare's answer, with the channel it was asked on (none when no channel could
+/// be opened).
+type Answer = (Option<Channel>, amiquip::Result<Option<QueueState>>);
+
 /// A channel for passive declares of the server queue, and the last answer.
 #[derive(Default)]
 struct Probe {
+    /// The channel, while no question is out on it.
     channel: Option<Channel>,
+    /// Where the answer to a question that outlasted [`QUEUE_STATE_WAIT`] will come, with the
+    /// channel; the next look waits for it instead of asking again.
+    out: Option<Receiver<Answer>>,
     last: Option<(Instant, QueueState)>,
 }
 
@@ -453,7 +468,7 @@ impl Session {
         debug!("client ready, replies to {reply_to}");
         Ok(Session {
             channel: Mutex::new(channel),
-            connection: Mutex::new(Some(connection)),
+            connection: Arc::new(Mutex::new(Some(connection))),
             socket,
             reply_to,
             queue: options.queue.clone(),
@@ -583,8 +598,8 @@ impl Session {
     /// What the broker says of the server queue now: its consumers and waiting requests.
     /// Asked at most once a second per session (a passive declare on a channel of its own,
     /// since a passive declare of a missing queue closes its channel); `None` when the broker
-    /// cannot say, or while it blocks the connection (see [`Session::blocked`]), when it would
-    /// not answer until the block lifts.
+    /// cannot say, does not answer within [`QUEUE_STATE_WAIT`], or blocks the connection (see
+    /// [`Session::blocked`]), when it would not answer until the block lifts.
     pub(crate) fn queue_state(&self) -> Option<QueueState> {
         if self.blocked().is_some() {
             return None;
@@ -595,34 +610,81 @@ impl Session {
         {
             return Some(state);
         }
-        if probe.channel.is_none() {
-            let mut connection = lock(&self.connection);
-            probe.channel = connection.as_mut()?.open_channel(None).ok();
-        }
-        let answer = probe
-            .channel
-            .as_ref()?
-            .queue_declare_passive(self.queue.as_str())
-            .map(|queue| {
-                Some(QueueState {
-                    consumers: queue.declared_consumer_count()?,
-                    waiting: queue.declared_message_count()?,
-                })
-            });
-        match answer {
-            Ok(Some(state)) => {
-                trace!("queue '{}': {state:?}", self.queue);
-                probe.last = Some((Instant::now(), state));
-                Some(state)
+        let answer = match probe.out.take() {
+            Some(out) => out,
+            None => self.ask(probe.channel.take())?,
+        };
+        match answer.recv_timeout(QUEUE_STATE_WAIT) {
+            Ok((channel, Ok(state))) => {
+                probe.channel = channel;
+                if let Some(state) = state {
+                    trace!("queue '{}': {state:?}", self.queue);
+                    probe.last = Some((Instant::now(), state));
+                }
+                state
             }
-            Ok(None) => None,
-            Err(error) => {
+            // The channel is closed after a failed passive declare: another is opened next
+            // time, and this one dropped.
+            Ok((_, Err(error))) => {
                 debug!(
                     "cannot ask the broker about queue '{}': {error}",
                     self.queue
                 );
-                // The channel is closed after a failed passive declare: open another next time.
-                probe.channel = None;
+                None
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                debug!(
+                    "the broker has not said within {} s how queue '{}' stands",
+                    QUEUE_STATE_WAIT.as_secs_f64(),
+                    self.queue
+                );
+                probe.out = Some(answer);
+                None
+            }
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Asks the broker about the server queue on `channel`, or on a new channel, from a thread
+    /// of its own so that the asker can stop waiting: amiquip's calls wait for the broker
+    /// without a bound, opening a channel too. The answer comes with the channel once the
+    /// broker answers or the connection ends.
+    fn ask(&self, channel: Option<Channel>) -> Option<Receiver<Answer>> {
+        let connection = Arc::clone(&self.connection);
+        let queue = self.queue.clone();
+        let (tell, answer) = crossbeam_channel::bounded(1);
+        let asked = thread::Builder::new()
+            .name("rpc-client-probe".into())
+            .spawn(move || {
+                let opened = match channel {
+                    Some(channel) => Ok(channel),
+                    None => match lock(&connection).as_mut() {
+                        Some(connection) => connection.open_channel(None),
+                        None => Err(amiquip::Error::ClientClosedConnection),
+                    },
+                };
+                let answer = match opened {
+                    Ok(channel) => {
+                        let state = channel.queue_declare_passive(queue.as_str()).map(|queue| {
+                            Some(QueueState {
+                                consumers: queue.declared_consumer_count()?,
+                                waiting: queue.declared_message_count()?,
+                            })
+                        });
+                        (Some(channel), state)
+                    }
+                    Err(error) => (None, Err(error)),
+                };
+                // The asker may be gone, with its session: the channel is dropped here then.
+                let _ = tell.send(answer);
+            });
+        match asked {
+            Ok(_) => Some(answer),
+            Err(error) => {
+                debug!(
+                    "cannot start a thread to ask about queue '{}': {error}",
+                    self.queue
+                );
                 None
             }
         }
@@ -659,13 +721,11 @@ impl Session {
     /// close.
     pub(crate) fn close(&self) -> Result<()> {
         let probe = lock(&self.probe).channel.take();
-        let connection = lock(&self.connection).take();
         self.shared
             .break_with(Error::lost(amiquip::Error::ClientClosedConnection));
-        let closed = match connection {
-            Some(connection) => connect::close(connection, &self.socket),
-            None => Ok(()),
-        };
+        // A question to the broker may hold the connection, opening a channel.
+        let connection = Arc::clone(&self.connection);
+        let closed = connect::close_when_free(move || lock(&connection).take(), &self.socket);
         // Dropped once the connection is closed: closing the channel first would wait for a
         // broker that blocks the connection, as long as the alarm lasts.
         drop(probe);

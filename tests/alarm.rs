@@ -1,11 +1,13 @@
-//! A broker that blocks publishers: a resource alarm (here a disk free limit far above the
-//! disk's size, the broker's "low on disk") stops it reading from every publishing
-//! connection until the alarm clears. A call made then must still end at its timeout, and
-//! say why, instead of hanging until the alarm clears.
+//! A broker that stops reading or answering, with its connections open. A resource alarm
+//! (here a disk free limit far above the disk's size, the broker's "low on disk") stops it
+//! reading from every publishing connection until the alarm clears; a paused broker (here
+//! stopped with `SIGSTOP`, as a paused machine or a network that TCP has not yet seen fail
+//! looks) answers nothing. A call made then must still end at its timeout, and say why, and a
+//! client or server must still close, instead of hanging until the broker is back.
 //!
-//! A test binary of its own: the alarm blocks every publisher on the broker, so no other test
-//! may run meanwhile (`cargo test` runs test binaries one after another), and its own tests
-//! take turns.
+//! A test binary of its own: the alarm and the pause stop every client of the broker, so no
+//! other test may run meanwhile (`cargo test` runs test binaries one after another), and its
+//! own tests take turns.
 
 mod common;
 
@@ -158,4 +160,107 @@ fn a_server_whose_connection_the_broker_blocks_still_shuts_down() {
         .expect("the server stops, not when the alarm clears")
         .expect("a stop is not an error, even with its connection cut");
     drop(alarm);
+}
+
+/// The machine's broker, its process stopped (`SIGSTOP`) while this lives, as a broker that
+/// stops answering without closing its connections (a paused machine, a network that TCP has
+/// not yet seen fail) looks to its clients; continued (`SIGCONT`) when dropped, by a failing
+/// test too.
+struct PausedBroker(String);
+
+impl PausedBroker {
+    /// The broker, not yet paused.
+    fn find() -> PausedBroker {
+        let pid = rabbitmqctl(&["eval", "os:getpid()."])
+            .trim()
+            .trim_matches('"')
+            .to_string();
+        assert!(
+            pid.parse::<u32>().is_ok(),
+            "the broker's process id: {pid:?}"
+        );
+        PausedBroker(pid)
+    }
+
+    fn pause(&self) {
+        signal("STOP", &self.0);
+    }
+}
+
+impl Drop for PausedBroker {
+    fn drop(&mut self) {
+        signal("CONT", &self.0);
+    }
+}
+
+fn signal(name: &str, pid: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), pid])
+        .status();
+    if !sent.as_ref().is_ok_and(|status| status.success()) {
+        // Not a panic: this may run while a failing test unwinds.
+        eprintln!("could not send SIG{name} to the broker ({pid}): {sent:?}");
+    }
+}
+
+/// Sets its flag when dropped: a handler held with [`hold_until`] is let go by a failing test
+/// too, whose server could not otherwise stop.
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
+    let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
+    let queue = unique_queue("paused");
+    let _guard = QueueGuard(queue.clone());
+    let released = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&released);
+    let server = Server::builder(&require_broker())
+        .serve(&queue, QueueOptions::with_workers(1), move |_: &Request| {
+            hold_until(&held);
+            Ok(b"done".to_vec())
+        })
+        .start()
+        .unwrap();
+    let release = Release(released);
+    // Long enough for the broker to be paused before the call times out.
+    let timeout = Duration::from_secs(5);
+    let client = client_for(&queue, timeout);
+    let broker = PausedBroker::find();
+    let caller = client.clone();
+    let call = thread::spawn(move || {
+        let began = std::time::Instant::now();
+        (caller.call(b"held"), began.elapsed())
+    });
+    wait_until("the handler holds the request", || {
+        unacked_messages(&queue) == 1
+    });
+
+    broker.pause();
+    // Before, the call timed out on time, then asked the broker about the queue, and waited
+    // for its answer until the broker came back.
+    let (outcome, took) = within(timeout + Duration::from_secs(3), move || {
+        call.join().unwrap()
+    })
+    .expect("the call ends near its timeout, not when the broker answers again");
+    assert!(took < timeout + Duration::from_secs(1), "took {took:?}");
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(&error, Error::Timeout { state: None, .. }),
+        "{error:?}"
+    );
+    // The question about the queue is still out, on a channel it was opening: the close cuts
+    // the connection after a while instead of waiting for either.
+    // Within the 5 s wait for the close, not when the heartbeats run out (20 s).
+    let closed = within(Duration::from_secs(8), move || client.close())
+        .expect("closing the client ends, not when the broker answers again");
+    assert!(closed.is_err_and(|error| error.is_connection_lost()));
+    drop(broker);
+    drop(release);
+    server.shutdown().unwrap();
 }
