@@ -75,10 +75,11 @@
 //!   number of calling threads. A call publishes the request with `reply_to` and a fresh uuid
 //!   `correlation_id`; the waiting callers take turns reading the replies and handing each to
 //!   the call that awaits it, dropping others. A call fails with [`Error::Timeout`] after its
-//!   timeout, at once with [`Error::NoRoute`] when no server queue exists, and with
-//!   [`Error::Blocked`] while the broker blocks publishers for a resource alarm. [`Client::send_many`] keeps many
-//!   calls in flight from one thread. With [`ClientOptions::retry`], calls cut off by a lost
-//!   connection are sent again after reconnecting.
+//!   timeout (even when the broker has stopped answering), at once with [`Error::NoRoute`]
+//!   when no server queue exists, and with [`Error::Blocked`] while the broker blocks
+//!   publishers for a resource alarm. [`Client::send_many`] keeps many calls in flight from
+//!   one thread. With [`ClientOptions::retry`], calls cut off by a lost connection are sent
+//!   again after reconnecting.
 //! - [`Server`]: a supervisor thread owns the connection and, for each queue, a pool of worker
 //!   threads, each with its own channel and `qos(1)`. A worker calls its queue's [`Handler`],
 //!   publishes the reply, then acks. Handler errors and panics become error replies. Lost
