@@ -83,8 +83,9 @@ pub struct ServerOptions {
     /// The longest wait between two reconnection attempts. Default: 30 s.
     pub max_reconnect_delay: Duration,
     /// How long [`Server::shutdown`] (and dropping a server) lets the requests in flight
-    /// finish; the ones still running then go back to the queue, for another server.
-    /// Default: 30 s.
+    /// finish; the ones still running then go back to the queue, for another server. Once
+    /// none is left, the broker has 5 s more to confirm that the workers stopped consuming,
+    /// and 5 s to confirm the close. Default: 30 s.
     pub drain_timeout: Duration,
     /// Where to serve `/metrics` (Prometheus text exposition) and `/health` (200 only while
     /// serving) over HTTP; port 0 picks a free port ([`Server::metrics_addr`] tells which).
@@ -604,7 +605,7 @@ impl Supervisor {
                 }
             }
         }
-        let total = pool.running;
+        let total = pool.live.len();
 
         // A worker that ends with Ok saw the stop signal; one that ends with Err failed.
         let mut failure = None;
@@ -660,10 +661,10 @@ impl Supervisor {
         loop {
             select! {
                 recv(pool.ended) -> ended => {
-                    let Ok((service, outcome)) = ended else {
+                    let Ok(Ended { worker, service, outcome }) = ended else {
                         return Some(Error::Internal("every worker is gone".into()));
                     };
-                    pool.running -= 1;
+                    pool.live.remove(&worker);
                     let error = match outcome {
                         Err(error) if error.is_refused() => error,
                         Err(error) => return Some(error),
@@ -689,41 +690,66 @@ impl Supervisor {
     }
 
     /// Shutdown: each worker finishes its request, replies, acks, cancels and returns, within
-    /// [`ServerOptions::drain_timeout`]. Requests still running then stay unacked: closing the
-    /// connection sends them back to the queue, for another server.
+    /// [`ServerOptions::drain_timeout`], and within [`CONFIRM_WAIT`] of the last worker's
+    /// request: past that, only the broker's confirmations are awaited, which a broker that
+    /// blocks the connection or has stopped answering would not send. Requests still running
+    /// then stay unacked: closing the connection sends them back to the queue, for another
+    /// server.
     fn drain(&self, connection: Connection, socket: &TcpStream, mut pool: Pool) {
-        let give_up = deadline_after(Instant::now(), self.options.drain_timeout);
-        while pool.running > 0 {
-            match pool.ended.recv_deadline(give_up) {
-                Ok((_, outcome)) => {
-                    pool.running -= 1;
-                    if let Err(error) = outcome {
-                        warn!("a worker failed while stopping: {}", error.chain());
+        let mut give_up = deadline_after(Instant::now(), self.options.drain_timeout);
+        // Workers that have no request left, ended or not.
+        let mut done_serving = HashSet::new();
+        let mut unconfirmed = false;
+        while !pool.live.is_empty() {
+            select! {
+                recv(pool.done_serving) -> worker => done_serving.extend(worker),
+                recv(pool.ended) -> ended => {
+                    if let Ok(Ended { worker, outcome, .. }) = ended {
+                        pool.live.remove(&worker);
+                        if let Err(error) = outcome {
+                            warn!("a worker failed while stopping: {}", error.chain());
+                        }
                     }
                 }
-                Err(_) => break,
+                recv(crossbeam_channel::at(give_up)) -> _ => break,
+            }
+            if !unconfirmed && pool.live.is_subset(&done_serving) {
+                let confirm_by = Instant::now() + CONFIRM_WAIT;
+                unconfirmed = confirm_by < give_up;
+                give_up = give_up.min(confirm_by);
             }
         }
-        if pool.running > 0 {
+        let running = pool.live.len();
+        if running > 0 && unconfirmed {
             warn!(
-                "{} workers still busy after the drain timeout of {:.1} s (a request still \
-                 running, or a broker that blocks the connection): closing the connection \
-                 sends their unacked requests back to the queue",
-                pool.running,
+                "the broker has not confirmed the cancels of {running} workers within {} s of \
+                 the last request (does a resource alarm block it, or has it stopped \
+                 answering?): closing the connection",
+                CONFIRM_WAIT.as_secs()
+            );
+        } else if running > 0 {
+            warn!(
+                "{running} workers still busy after the drain timeout of {:.1} s (a request \
+                 still running, or a broker that blocks the connection): closing the \
+                 connection sends their unacked requests back to the queue",
                 self.options.drain_timeout.as_secs_f64()
             );
         }
-        let finished = pool.running == 0;
+        let finished = running == 0;
         if let Err(error) = connect::close(connection, socket) {
             warn!("closing the connection failed: {error}");
         }
         if finished {
             pool.join();
         }
-        // Otherwise the handlers still running are left to end on their own: their replies
-        // and acks fail on the closed connection.
+        // Otherwise the workers still running are left to end on their own: their replies,
+        // acks and cancels fail on the closed connection.
     }
 }
+
+/// How long a draining server waits, once no worker has a request left, for the broker to
+/// confirm the workers' cancels and their channels' closes (milliseconds, normally).
+const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 
 /// The worker threads of one connection.
 struct Pool {
@@ -733,67 +759,102 @@ struct Pool {
     ready_sender: Sender<()>,
     /// One message per worker that has started consuming.
     ready: Receiver<()>,
-    ended_sender: Sender<(Arc<Service>, Result<()>)>,
+    done_serving_sender: Sender<usize>,
+    /// The number of each worker that takes no more requests and has none left (it has seen
+    /// the stop signal, or failed): it only waits for the broker to confirm its cancel and
+    /// its channel's close.
+    done_serving: Receiver<usize>,
+    ended_sender: Sender<Ended>,
     /// One message per worker that has ended, with how.
-    ended: Receiver<(Arc<Service>, Result<()>)>,
+    ended: Receiver<Ended>,
     handles: Vec<JoinHandle<()>>,
-    /// Workers started and not yet seen to end.
-    running: usize,
+    /// The numbers of the workers started and not yet seen to end.
+    live: HashSet<usize>,
+}
+
+/// What a worker sends when it ends: its number, its service, and how it ended.
+struct Ended {
+    worker: usize,
+    service: Arc<Service>,
+    outcome: Result<()>,
 }
 
 impl Pool {
     fn new(stop: Receiver<Stop>, user: Option<String>) -> Pool {
         let (ready_sender, ready) = unbounded();
+        let (done_serving_sender, done_serving) = unbounded();
         let (ended_sender, ended) = unbounded();
         Pool {
             stop,
             user,
             ready_sender,
             ready,
+            done_serving_sender,
+            done_serving,
             ended_sender,
             ended,
             handles: Vec::new(),
-            running: 0,
+            live: HashSet::new(),
         }
     }
 
     /// Starts a worker of `service` on `channel`.
     fn spawn(&mut self, service: Arc<Service>, channel: Channel) -> Result<()> {
+        let number = self.handles.len();
         let worker = Worker {
+            number,
             channel,
             service: Arc::clone(&service),
             stop: self.stop.clone(),
             user: self.user.clone(),
         };
-        let (ready, ended) = (self.ready_sender.clone(), self.ended_sender.clone());
+        let (ready, done_serving, ended) = (
+            self.ready_sender.clone(),
+            self.done_serving_sender.clone(),
+            self.ended_sender.clone(),
+        );
         let handle = thread::Builder::new()
-            .name(format!("rpc-worker-{}", self.handles.len()))
+            .name(format!("rpc-worker-{number}"))
             .spawn(move || {
                 // A panic outside the handler (which has its own guard) still reports an end.
-                let outcome =
-                    catch_unwind(AssertUnwindSafe(|| worker.run(ready))).unwrap_or_else(|panic| {
+                let outcome = catch_unwind(AssertUnwindSafe(|| worker.run(ready, done_serving)))
+                    .unwrap_or_else(|panic| {
                         Err(Error::Internal(format!(
                             "a worker panicked: {}",
                             panic_message(&*panic)
                         )))
                     });
-                let _ = ended.send((service, outcome));
+                let _ = ended.send(Ended {
+                    worker: number,
+                    service,
+                    outcome,
+                });
             })
             .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
         self.handles.push(handle);
-        self.running += 1;
+        self.live.insert(number);
         Ok(())
     }
 
     /// The error a worker that ended before serving reports.
     fn failure(
         &mut self,
-        ended: std::result::Result<(Arc<Service>, Result<()>), crossbeam_channel::RecvError>,
+        ended: std::result::Result<Ended, crossbeam_channel::RecvError>,
     ) -> Error {
-        self.running -= 1;
         match ended {
-            Ok((_, Err(error))) => error,
-            Ok((_, Ok(()))) | Err(_) => Error::Internal("a worker stopped before serving".into()),
+            Ok(Ended {
+                worker,
+                outcome: Err(error),
+                ..
+            }) => {
+                self.live.remove(&worker);
+                error
+            }
+            Ok(Ended { worker, .. }) => {
+                self.live.remove(&worker);
+                Error::Internal("a worker stopped before serving".into())
+            }
+            Err(_) => Error::Internal("a worker stopped before serving".into()),
         }
     }
 
@@ -878,6 +939,8 @@ const SLEEP_AFTER: Duration = Duration::from_millis(100);
 
 /// One worker thread's state: its channel, and the queue it serves.
 struct Worker {
+    /// Its number in the pool, which its thread's name shows.
+    number: usize,
     channel: Channel,
     service: Arc<Service>,
     stop: Receiver<Stop>,
@@ -887,8 +950,10 @@ struct Worker {
 }
 
 impl Worker {
-    /// Serves until shutdown (`Ok`) or until the channel or connection fails (`Err`).
-    fn run(self, ready: Sender<()>) -> Result<()> {
+    /// Serves until shutdown (`Ok`) or until the channel or connection fails (`Err`). Sends
+    /// to `ready` once it consumes, and to `done_serving` once it takes no more requests and
+    /// has none left.
+    fn run(self, ready: Sender<()>, done_serving: Sender<usize>) -> Result<()> {
         let queue = self.service.queue.as_str();
         self.channel.qos(0, self.service.options.prefetch, false)?;
         let consumer = self
@@ -961,6 +1026,8 @@ impl Worker {
                 _ => break Some(Error::lost(amiquip::Error::EventLoopDropped)),
             }
         };
+        // No request is left: the drain need only wait for the broker's confirmations now.
+        let _ = done_serving.send(self.number);
         // After a failure the cancel usually fails at once, on a dead connection; that is
         // fine, the supervisor closes it anyway. Deliveries that raced the cancel go back to
         // the queue, for another worker or server.

@@ -264,3 +264,38 @@ fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
     drop(release);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn an_idle_server_shuts_down_soon_while_the_broker_stops_answering() {
+    let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
+    let queue = unique_queue("paused-server");
+    let _guard = QueueGuard(queue.clone());
+    let server = Server::builder(&require_broker())
+        .options(ServerOptions {
+            // No heartbeats: nothing else would end the waits on the broker.
+            connect: amqp_rpc::ConnectOptions {
+                heartbeat: 0,
+                ..amqp_rpc::ConnectOptions::default()
+            },
+            ..ServerOptions::default()
+        })
+        .serve(
+            &queue,
+            QueueOptions::with_workers(2),
+            |request: &Request| Ok(request.body().to_vec()),
+        )
+        .start()
+        .unwrap();
+    let broker = PausedBroker::find();
+    broker.pause();
+    // No request is in flight: the drain waits 5 s for the broker to confirm the workers'
+    // cancels, then 5 s for the close, not the 30 s drain timeout. Before, it waited for the
+    // whole drain timeout, and 5 s more.
+    let began = std::time::Instant::now();
+    within(Duration::from_secs(20), move || server.shutdown())
+        .expect("the server stops well within its drain timeout")
+        .expect("a stop is not an error, even with its connection cut");
+    let took = began.elapsed();
+    drop(broker);
+    assert!(took < Duration::from_secs(13), "took {took:?}");
+}
