@@ -220,15 +220,16 @@ fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
     let _guard = QueueGuard(queue.clone());
     let released = Arc::new(AtomicBool::new(false));
     let held = Arc::clone(&released);
+    let (holding, handler_holds) = mpsc::channel();
     let server = Server::builder(&require_broker())
         .serve(&queue, QueueOptions::with_workers(1), move |_: &Request| {
+            let _ = holding.send(());
             hold_until(&held);
             Ok(b"done".to_vec())
         })
         .start()
         .unwrap();
     let release = Release(released);
-    // Long enough for the broker to be paused before the call times out.
     let timeout = Duration::from_secs(5);
     let client = client_for(&queue, timeout);
     let broker = PausedBroker::find();
@@ -237,10 +238,11 @@ fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
         let began = std::time::Instant::now();
         (caller.call(b"held"), began.elapsed())
     });
-    wait_until("the handler holds the request", || {
-        unacked_messages(&queue) == 1
-    });
-
+    // The broker is paused as soon as the server holds the request, well before the call
+    // times out.
+    handler_holds
+        .recv_timeout(timeout)
+        .expect("the handler holds the request");
     broker.pause();
     // Before, the call timed out on time, then asked the broker about the queue, and waited
     // for its answer until the broker came back.
@@ -255,8 +257,8 @@ fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
         "{error:?}"
     );
     // The question about the queue is still out, on a channel it was opening: the close cuts
-    // the connection after a while instead of waiting for either.
-    // Within the 5 s wait for the close, not when the heartbeats run out (20 s).
+    // the connection after its 5 s wait instead of waiting for either until the heartbeats
+    // run out (20 s).
     let closed = within(Duration::from_secs(8), move || client.close())
         .expect("closing the client ends, not when the broker answers again");
     assert!(closed.is_err_and(|error| error.is_connection_lost()));
