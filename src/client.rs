@@ -76,6 +76,20 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// Shows the brokers (without passwords), the server queue and the calls in flight.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("brokers", &self.inner.brokers)
+            .field("queue", &self.inner.options.queue)
+            .field(
+                "in_flight",
+                &self.inner.in_flight.load(AtomicOrdering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the clones of a client share.
 struct Inner {
     brokers: Brokers,

@@ -120,6 +120,16 @@ pub struct JsonHandler<F, T, U> {
     types: PhantomData<fn(T) -> U>,
 }
 
+/// Shows the request and reply types (a closure has nothing to show).
+impl<F, T, U> std::fmt::Debug for JsonHandler<F, T, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonHandler")
+            .field("request", &std::any::type_name::<T>())
+            .field("reply", &std::any::type_name::<U>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, T, U> Handler for JsonHandler<F, T, U>
 where
     T: DeserializeOwned + 'static,

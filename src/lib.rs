@@ -110,6 +110,7 @@
 //! - `cli` (default): the `client` and `server` binaries' own dependencies (clap, env_logger,
 //!   signal-hook). A library user can turn it off with `default-features = false`.
 #![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
 
 mod client;
 mod client_options;

@@ -33,7 +33,7 @@ use amiquip::{
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
-use crate::connect::{self, Brokers, ConnectOptions, Connected};
+use crate::connect::{self, Brokers, ConnectOptions, Connected, without_password};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::message::{HandlerError, Reply, Request};
@@ -225,6 +225,15 @@ impl ShutdownHandle {
     }
 }
 
+/// Shows whether the shutdown has been asked for.
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("shutting_down", &lock(&self.sender).is_none())
+            .finish()
+    }
+}
+
 /// One queue a server serves, with its handler.
 struct Service {
     queue: String,
@@ -260,6 +269,26 @@ pub struct ServerBuilder {
     options: ServerOptions,
     services: Vec<Service>,
     metrics: Arc<ServerMetrics>,
+}
+
+/// Shows the brokers (without passwords), the options and the queues.
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.split(',').map(without_password).collect();
+        f.debug_struct("ServerBuilder")
+            .field("brokers", &urls)
+            .field("options", &self.options)
+            .field("queues", &queue_names(&self.services))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The names of the queues that `services` serve.
+fn queue_names<S: std::borrow::Borrow<Service>>(services: &[S]) -> Vec<&str> {
+    services
+        .iter()
+        .map(|service| service.borrow().queue.as_str())
+        .collect()
 }
 
 impl ServerBuilder {
@@ -378,6 +407,17 @@ pub struct Server {
     health: Arc<Mutex<Health>>,
     /// Stopped (dropped) after the supervisor.
     endpoint: Option<Endpoint>,
+}
+
+/// Shows the queues served, the server's state and its metrics endpoint.
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("queues", &queue_names(&self.services))
+            .field("health", &self.health())
+            .field("metrics_addr", &self.metrics_addr())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {

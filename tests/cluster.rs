@@ -565,7 +565,7 @@ fn tls_is_set_in_the_api_and_the_binaries_and_each_failure_says_which() {
         },
         ..ClientOptions::default()
     };
-    let error = amqp_rpc::Client::with_options(c1, missing).err().unwrap();
+    let error = amqp_rpc::Client::with_options(c1, missing).unwrap_err();
     assert!(
         error.is_config() && error.to_string().contains("/nonexistent/ca.pem"),
         "{error}"
@@ -632,8 +632,7 @@ fn with_external_auth_the_confirmed_external_user_is_the_user_id_and_a_wrong_one
 
     // A wrong name fails at connect, with the broker's answer, which names the real user.
     let error = Client::with_options(c2, client_options(Some("someone-else"), None))
-        .err()
-        .expect("the broker refuses a user_id that is not the connection's user");
+        .expect_err("the broker refuses a user_id that is not the connection's user");
     let text = error.to_string();
     assert!(
         error.is_config() && text.contains("'someone-else'") && text.contains(TLS_USER),
@@ -649,9 +648,7 @@ fn with_external_auth_the_confirmed_external_user_is_the_user_id_and_a_wrong_one
             Ok::<_, HandlerError>("never")
         })
         .start();
-    let error = wrong_server
-        .err()
-        .expect("a wrong external_user stops the server");
+    let error = wrong_server.expect_err("a wrong external_user stops the server");
     assert!(error.is_config(), "{error}");
     // And the binary's, in one line.
     let path = |name: &str| tls_file(name).to_str().unwrap().to_string();
@@ -693,8 +690,7 @@ fn with_external_auth_the_confirmed_external_user_is_the_user_id_and_a_wrong_one
             ..ClientOptions::default()
         },
     )
-    .err()
-    .expect("external_user without external_auth is a configuration error");
+    .expect_err("external_user without external_auth is a configuration error");
     assert!(
         error.is_config() && error.to_string().contains("external_auth"),
         "{error}"

@@ -442,9 +442,7 @@ fn a_broker_address_that_never_speaks_amqp_fails_within_the_connect_timeout() {
     let mut options = options("q", Duration::from_secs(10), Duration::from_secs(1));
     options.connect.connect_timeout = Duration::from_millis(500);
     let started = Instant::now();
-    let error = Client::with_options(&url, options)
-        .err()
-        .expect("no broker there");
+    let error = Client::with_options(&url, options).expect_err("no broker there");
     assert!(matches!(error, Error::Connect { .. }), "{error:?}");
     assert!(error.chain().contains("handshake"), "{}", error.chain());
     assert!(
@@ -545,11 +543,11 @@ fn when_reconnecting_fails_every_call_gets_the_real_connect_error() {
 fn bad_credentials_are_an_authentication_error_not_a_configuration_one() {
     let (host, port) = common::host_and_port(&require_broker());
     let url = format!("amqp://guest:wrong-password@{host}:{port}/%2f");
-    let error = Client::connect(&url).err().expect("refused");
+    let error = Client::connect(&url).expect_err("refused");
     assert!(error.is_authentication(), "{error:?}");
     assert!(!error.is_config() && !error.is_retryable());
     assert!(!error.to_string().contains("wrong-password"), "{error}");
-    assert!(Client::connect("amqp://h/a/b").err().unwrap().is_config());
+    assert!(Client::connect("amqp://h/a/b").unwrap_err().is_config());
 }
 
 #[test]

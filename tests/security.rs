@@ -1,5 +1,5 @@
-//! Security: no password in any error, help text or log line; replies only to queues a client
-//! could own; bounded, sanitised input on the client.
+//! Security: no password in any error, help text, log line or debug output; replies only to
+//! queues a client could own; bounded, sanitised input on the client.
 
 mod common;
 
@@ -70,11 +70,48 @@ fn no_password_shows_in_errors_for_bad_urls_refused_connections_or_refused_crede
         format!("http://user:{secret}@{host}:{port}/"),
         format!("amqp://guest:{secret}@{host}:{port}/%2f"),
     ] {
-        let error = Client::connect(&url).err().expect("cannot connect");
+        let error = Client::connect(&url).expect_err("cannot connect");
         for shown in [error.chain(), format!("{error:?}")] {
             assert!(!shown.contains(secret), "{url}: {shown}");
         }
     }
+}
+
+#[test]
+fn no_password_shows_when_clients_servers_or_builders_are_debug_printed() {
+    let user = TestUser::new();
+    let queue = unique_queue("debug");
+    let _guard = QueueGuard(queue.clone());
+    // Two brokers, as a cluster's URL list: both passwords must go.
+    let urls = format!("{},{}", user.url(), user.url());
+    let builder = Server::builder(&urls).serve(
+        &queue,
+        QueueOptions::with_workers(1),
+        |request: &Request| Ok(request.body().to_vec()),
+    );
+    let shown = format!("{builder:?}");
+    assert!(
+        shown.contains(&queue) && shown.contains(&user.name),
+        "{shown}"
+    );
+    assert!(!shown.contains(&user.password), "{shown}");
+    let server = builder.start().unwrap();
+    let options = ClientOptions {
+        queue: queue.clone(),
+        ..ClientOptions::default()
+    };
+    let client = Client::with_options(&urls, options).unwrap();
+    assert_eq!(client.call(b"echo").unwrap(), b"echo");
+    for shown in [
+        format!("{client:?}"),
+        format!("{server:?}"),
+        format!("{:?}", server.shutdown_handle()),
+    ] {
+        assert!(!shown.contains(&user.password), "{shown}");
+    }
+    assert!(format!("{client:?}").contains(&user.name));
+    assert!(format!("{server:?}").contains("Serving"));
+    server.shutdown().unwrap();
 }
 
 #[test]
@@ -403,8 +440,7 @@ fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_ref
             |request: &Request| fib::serve(request, 1000),
         )
         .start()
-        .err()
-        .expect("not granted");
+        .expect_err("not granted");
     assert!(
         matches!(&refused, Error::Refused { code: 403, text } if text.contains("ACCESS_REFUSED")),
         "{refused:?}"
@@ -413,8 +449,7 @@ fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_ref
         &direct_user.url(),
         options(amqp_rpc::ReplyRoute::ExclusiveQueue),
     )
-    .err()
-    .expect("not granted");
+    .expect_err("not granted");
     assert!(
         matches!(&refused, Error::Refused { code: 403, .. }),
         "{refused:?}"
