@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Auth, Connection, ConnectionOptions, ConnectionTuning, Publish};
 
+use crossbeam_channel::RecvTimeoutError;
 use log::{debug, warn};
 use url::Url;
 
@@ -167,6 +168,8 @@ pub(crate) struct Connected {
     /// The connection's own TCP socket, for [`close`] to cut.
     pub(crate) socket: TcpStream,
     pub(crate) user: Option<String>,
+    /// The broker's address, without credentials, for messages.
+    pub(crate) addr: String,
 }
 
 /// How long [`close`] waits for the broker to confirm before it cuts the connection.
@@ -198,29 +201,50 @@ pub(crate) fn close_when_free(
     take: impl FnOnce() -> Option<Connection> + Send + 'static,
     socket: &TcpStream,
 ) -> Result<()> {
-    let (closed_sender, closed) = crossbeam_channel::bounded(1);
-    let closer = thread::Builder::new()
-        .name("rpc-close".into())
-        .spawn(move || {
-            let _ = closed_sender.send(take().map_or(Ok(()), Connection::close));
-        })
-        .map_err(|e| Error::Internal(format!("cannot start a thread to close with: {e}")))?;
-    let outcome = match closed.recv_timeout(CLOSE_WAIT) {
-        Ok(outcome) => outcome,
-        Err(_) => {
-            warn!(
-                "the broker did not confirm closing the connection within {} s (does a \
-                 resource alarm block it, or has it stopped answering?): cutting it",
-                CLOSE_WAIT.as_secs()
-            );
-            let _ = socket.shutdown(Shutdown::Both);
-            closed
-                .recv()
-                .unwrap_or(Err(amiquip::Error::EventLoopDropped))
-        }
-    };
-    let _ = closer.join();
+    let closing = move || take().map_or(Ok(()), Connection::close);
+    let (outcome, cut) = bounded("rpc-close", Instant::now() + CLOSE_WAIT, socket, closing)?;
+    if cut {
+        warn!(
+            "the broker did not confirm closing the connection within {} s (does a resource \
+             alarm block it, or has it stopped answering?): cut it",
+            CLOSE_WAIT.as_secs()
+        );
+    }
     Ok(outcome?)
+}
+
+/// Runs `work` on a short-lived thread named `name` and waits for it until `deadline`; past
+/// it, shuts down `socket` (the connection's own), which fails at once whatever amiquip
+/// request `work` waits in, and waits for `work` to return. amiquip's requests wait for the
+/// broker without a bound: this is how a caller bounds them. Returns what `work` returned,
+/// and whether the socket was cut.
+///
+/// # Errors
+///
+/// [`Error::Internal`] when the thread cannot start, or panics.
+pub(crate) fn bounded<T: Send + 'static>(
+    name: &str,
+    deadline: Instant,
+    socket: &TcpStream,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<(T, bool)> {
+    let (done_sender, done) = crossbeam_channel::bounded(1);
+    let worker = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = done_sender.send(work());
+        })
+        .map_err(|e| Error::Internal(format!("cannot start thread {name}: {e}")))?;
+    let outcome = match done.recv_deadline(deadline) {
+        Ok(outcome) => Some((outcome, false)),
+        Err(RecvTimeoutError::Timeout) => {
+            let _ = socket.shutdown(Shutdown::Both);
+            done.recv().ok().map(|outcome| (outcome, true))
+        }
+        Err(RecvTimeoutError::Disconnected) => None,
+    };
+    let _ = worker.join();
+    outcome.ok_or_else(|| Error::Internal(format!("thread {name} panicked")))
 }
 
 /// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
@@ -345,6 +369,7 @@ fn with_user(
             connection,
             socket,
             user: Some(address.username.clone()),
+            addr: url_for_display(address),
         });
     }
     if let Some(user) = &tls.external_user {
@@ -354,6 +379,7 @@ fn with_user(
         connection,
         socket,
         user: tls.external_user.clone(),
+        addr: url_for_display(address),
     })
 }
 

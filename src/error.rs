@@ -37,7 +37,8 @@ pub enum Error {
     Config(String),
 
     /// No TCP connection, or no AMQP handshake, could be completed with the broker at `addr`
-    /// in time.
+    /// in time, or the broker did not answer while a client set up its channel and reply
+    /// queue.
     Connect {
         /// The broker's address, without credentials.
         addr: String,

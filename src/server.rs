@@ -627,6 +627,7 @@ impl Supervisor {
             mut connection,
             socket,
             user,
+            ..
         }) = self.connect()?
         else {
             return Ok(SessionEnd::Stopped);

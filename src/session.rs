@@ -413,42 +413,48 @@ impl Session {
         counters: &Arc<ClientCounters>,
     ) -> Result<Session> {
         let Connected {
-            mut connection,
+            connection,
             socket,
             user,
+            addr,
         } = brokers.connect_by(&options.connect, deadline)?;
+        // The handshake is done; the rest waits for the broker's answers, which amiquip does
+        // without a bound, so it runs within the call's deadline, or a connect timeout more.
+        let set_up_by =
+            deadline.unwrap_or_else(|| Instant::now() + options.connect.connect_timeout);
+        let route = options.reply_route;
+        let ((connection, set_up), cut) =
+            connect::bounded("rpc-connect", set_up_by, &socket, move || {
+                set_up(connection, route)
+            })?;
+        let SetUp {
+            channel,
+            notifications,
+            returns,
+            reply_to,
+            replies,
+        } = match set_up {
+            Ok(set_up) => set_up,
+            Err(_) if cut => {
+                return Err(Error::Connect {
+                    addr,
+                    source: Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the broker did not answer in time while the client set up its channel \
+                         and reply queue",
+                    )),
+                });
+            }
+            Err(error) => {
+                let _ = connect::close(connection, &socket);
+                return Err(error.into());
+            }
+        };
         let blocks = Blocks {
-            notifications: connection.listen_for_connection_blocked()?,
+            notifications,
             blocked: AtomicBool::new(false),
             reason: Mutex::new(None),
         };
-        let channel = connection.open_channel(None)?;
-        let returns = channel.listen_for_returns()?;
-        let reply_to = match options.reply_route {
-            ReplyRoute::ExclusiveQueue => channel
-                .queue_declare(
-                    "",
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                )?
-                .name()
-                .to_string(),
-            ReplyRoute::DirectReplyTo => DIRECT_REPLY_TO.to_string(),
-        };
-        // Direct reply-to requires consuming, without acks, before the first publish.
-        let consumer = channel.basic_consume(
-            reply_to.clone(),
-            ConsumerOptions {
-                no_ack: true,
-                exclusive: options.reply_route == ReplyRoute::ExclusiveQueue,
-                ..ConsumerOptions::default()
-            },
-        )?;
-        let replies = consumer.receiver().clone();
-        // Never cancelled and never dropped: see the module documentation.
-        std::mem::forget(consumer);
         let (nudge, nudged) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
             awaited: Mutex::default(),
@@ -739,6 +745,61 @@ impl Drop for Session {
             debug!("closing the client quietly: {error}");
         }
     }
+}
+
+/// What a session reads and publishes through, set up on a new connection by [`set_up`].
+struct SetUp {
+    channel: Channel,
+    notifications: Receiver<ConnectionBlockedNotification>,
+    returns: Receiver<Return>,
+    reply_to: String,
+    replies: Receiver<ConsumerMessage>,
+}
+
+/// Sets a new connection up for a session: the notifications of blocks, the channel, its
+/// returns, the reply queue (unless direct reply-to) and its consumer. Gives the connection
+/// back whatever happens, for the caller to close.
+fn set_up(mut connection: Connection, route: ReplyRoute) -> (Connection, amiquip::Result<SetUp>) {
+    let set_up = set_up_on(&mut connection, route);
+    (connection, set_up)
+}
+
+fn set_up_on(connection: &mut Connection, route: ReplyRoute) -> amiquip::Result<SetUp> {
+    let notifications = connection.listen_for_connection_blocked()?;
+    let channel = connection.open_channel(None)?;
+    let returns = channel.listen_for_returns()?;
+    let reply_to = match route {
+        ReplyRoute::ExclusiveQueue => channel
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+            )?
+            .name()
+            .to_string(),
+        ReplyRoute::DirectReplyTo => DIRECT_REPLY_TO.to_string(),
+    };
+    // Direct reply-to requires consuming, without acks, before the first publish.
+    let consumer = channel.basic_consume(
+        reply_to.clone(),
+        ConsumerOptions {
+            no_ack: true,
+            exclusive: route == ReplyRoute::ExclusiveQueue,
+            ..ConsumerOptions::default()
+        },
+    )?;
+    let replies = consumer.receiver().clone();
+    // Never cancelled and never dropped: see the module documentation.
+    std::mem::forget(consumer);
+    Ok(SetUp {
+        channel,
+        notifications,
+        returns,
+        reply_to,
+        replies,
+    })
 }
 
 /// Once no call has waited for `IDLE` (so never between the calls of a busy client), takes

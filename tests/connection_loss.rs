@@ -1,6 +1,7 @@
 //! Lost connections: cut by the network (a fault-injecting proxy), closed by the broker
-//! (`rabbitmqctl close_connection`, only ever for the test's own connections), or gone silent.
-//! Calls fail promptly and the next call works; servers reconnect and serve again.
+//! (`rabbitmqctl close_connection`, only ever for the test's own connections), or gone silent,
+//! also right after the handshake. Calls fail promptly and the next call works; servers
+//! reconnect and serve again.
 
 mod common;
 
@@ -191,4 +192,53 @@ fn shutdown_lets_the_request_in_flight_finish_and_stops_consuming() {
         .call_with_timeout(b"10", Duration::from_millis(300))
         .unwrap_err();
     assert!(error.is_timeout(), "{error:?}");
+}
+
+#[test]
+fn a_broker_that_stops_answering_after_the_handshake_fails_the_connect_in_time() {
+    let proxy = FaultProxy::start(&require_broker());
+    proxy.go_silent_after_handshakes();
+    let mut options = ClientOptions {
+        queue: unique_queue("silent-setup"),
+        ..ClientOptions::default()
+    };
+    options.connect.connect_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    // Before, the connect waited for the answer to its channel.open until the heartbeats ran
+    // out (20 s), and failed as a lost connection.
+    let error = Client::with_options(&proxy.url(), options).unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(4), "failed after {waited:?}");
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    let message = error.chain();
+    assert!(message.contains("did not answer"), "{message}");
+}
+
+#[test]
+fn a_call_that_reconnects_to_a_broker_that_stops_answering_after_the_handshake_ends_in_time() {
+    let queue = unique_queue("silent-reconnect");
+    let _guard = QueueGuard(queue.clone());
+    let server = start_server(&queue, 1, slow_or_fib);
+    let proxy = FaultProxy::start(&require_broker());
+    let client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+
+    proxy.go_silent_after_handshakes();
+    proxy.cut_all();
+    // A call may still find the cut connection, and fail as lost; the next connects again.
+    // Before, that one waited for the answer to its channel.open until the heartbeats ran out
+    // (20 s), whatever its timeout.
+    let mut outcomes = (0..2).map(|_| {
+        let started = Instant::now();
+        let error = client
+            .call_with_timeout(b"10", Duration::from_secs(2))
+            .unwrap_err();
+        (error, started.elapsed())
+    });
+    let (error, waited) = outcomes
+        .find(|(error, _)| !error.is_connection_lost())
+        .expect("a call after the lost one connects again");
+    assert!(waited < Duration::from_secs(4), "failed after {waited:?}");
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    server.shutdown().unwrap();
 }

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy between a test's clients or servers and the broker.
 //!
 //! It forwards every connection it accepts to the broker, and on demand cuts them all (as a
-//! network failure would) or freezes them (a peer that goes silent without closing). It also
+//! network failure would) or freezes them (a peer that goes silent without closing), or lets
+//! new ones complete the AMQP handshake and then silences the broker. It also
 //! knows the local port of each upstream connection, which is how the broker names it, so a
 //! test can have `rabbitmqctl` close exactly its own connections.
 
@@ -23,6 +24,7 @@ pub struct FaultProxy {
     broker_url: String,
     links: Arc<Mutex<Vec<Link>>>,
     frozen: Arc<AtomicBool>,
+    silent_after_handshake: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -37,11 +39,13 @@ impl FaultProxy {
             broker_url: broker_url.to_string(),
             links: Arc::default(),
             frozen: Arc::default(),
+            silent_after_handshake: Arc::default(),
             stopped: Arc::default(),
         };
-        let (links, frozen, stopped) = (
+        let (links, frozen, silent_after_handshake, stopped) = (
             Arc::clone(&proxy.links),
             Arc::clone(&proxy.frozen),
+            Arc::clone(&proxy.silent_after_handshake),
             Arc::clone(&proxy.stopped),
         );
         thread::spawn(move || {
@@ -56,7 +60,11 @@ impl FaultProxy {
                 let _ = downstream.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 forward(&downstream, &upstream, &frozen);
-                forward(&upstream, &downstream, &frozen);
+                if silent_after_handshake.load(Ordering::SeqCst) {
+                    forward_handshake_only(&upstream, &downstream);
+                } else {
+                    forward(&upstream, &downstream, &frozen);
+                }
                 links.lock().unwrap().push(Link {
                     downstream,
                     upstream,
@@ -98,6 +106,13 @@ impl FaultProxy {
         self.stopped.store(true, Ordering::SeqCst);
         // Wake the accept loop so that it sees the flag, and drops the listener.
         let _ = TcpStream::connect(self.address);
+    }
+
+    /// From now on, new connections complete the AMQP handshake and then hear nothing more
+    /// from the broker, as from a broker that stops answering right after it: see
+    /// [`forward_handshake_only`].
+    pub fn go_silent_after_handshakes(&self) {
+        self.silent_after_handshake.store(true, Ordering::SeqCst);
     }
 
     /// Forwards bytes again after [`FaultProxy::freeze`].
@@ -143,6 +158,44 @@ fn forward(from: &TcpStream, to: &TcpStream, frozen: &Arc<AtomicBool>) {
                     }
                 }
                 Ok(_) => {}
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// Copies the broker's frames from `from` to `to` on a thread of its own until the first frame
+/// on a channel other than 0, the connection's own, where the handshake happens: that frame
+/// (the answer to the first `channel.open`) and everything after it are dropped, heartbeats
+/// included. An AMQP frame is a type octet, a 2-octet channel, a 4-octet payload size, the
+/// payload and an end octet.
+fn forward_handshake_only(from: &TcpStream, to: &TcpStream) {
+    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+    thread::spawn(move || {
+        let (mut pending, mut silent) = (Vec::new(), false);
+        let mut buffer = [0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if silent => {}
+                Ok(read) => pending.extend_from_slice(&buffer[..read]),
+            }
+            while !silent && pending.len() >= 7 {
+                let channel = u16::from_be_bytes([pending[1], pending[2]]);
+                let size = u32::from_be_bytes([pending[3], pending[4], pending[5], pending[6]]);
+                let frame_len = 7 + size as usize + 1;
+                if pending.len() < frame_len {
+                    break;
+                }
+                if channel != 0 {
+                    silent = true;
+                    break;
+                }
+                if to.write_all(&pending[..frame_len]).is_err() {
+                    return;
+                }
+                pending.drain(..frame_len);
             }
         }
         let _ = to.shutdown(Shutdown::Both);
