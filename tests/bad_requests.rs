@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Publish};
 use amqp_rpc::{Error, FailureKind, HandlerError, QueueOptions, QueueType, Request, Server, fib};
 use common::{
-    QueueGuard, ReplyId, client_for, declare_queue, raw_connection, ready_messages, scripted_peer,
-    start_server, unique_queue,
+    QueueGuard, ReplyId, client_for, declare_queue, queued_messages, raw_connection,
+    ready_messages, scripted_peer, start_server, unique_queue, wait_until,
 };
 
 const MAX_N: u64 = 1000;
@@ -145,8 +145,11 @@ fn a_request_without_reply_to_is_acked_and_never_requeued() {
 
     let client = client_for(&queue, Duration::from_secs(10));
     assert_eq!(client.call(b"10").unwrap(), b"55");
-    thread::sleep(Duration::from_millis(200));
-    assert_eq!(ready_messages(&queue), 0, "the request was not requeued");
+    // A request put back in the queue would stay there, taken and put back again: an empty
+    // queue, unacked requests included, shows that both were acked.
+    wait_until("the queue empties: the request was not requeued", || {
+        queued_messages(&queue) == 0
+    });
     assert_eq!(
         handled.load(Ordering::SeqCst),
         1,
@@ -189,12 +192,9 @@ fn a_request_nobody_served_in_time_expires_on_the_broker() {
         .call_with_timeout(b"30", Duration::from_millis(300))
         .unwrap_err();
     assert!(error.is_timeout());
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        ready_messages(&queue),
-        0,
-        "the broker dropped the expired request"
-    );
+    wait_until("the broker drops the expired request", || {
+        ready_messages(&queue) == 0
+    });
 
     // A server that starts now never sees it.
     let handled = Arc::new(AtomicUsize::new(0));

@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,12 +28,32 @@ fn slow_or_fib(request: &Request) -> Result<Vec<u8>, HandlerError> {
     fib::handle_request(request.body(), 1000)
 }
 
-/// Makes a call with a 20 s timeout while `break_it` breaks its connection 300 ms in, and
-/// checks that it fails promptly with a lost connection.
-fn assert_call_fails_promptly(client: &mut Client, break_it: impl FnOnce() + Send) {
+/// A server of `queue` with [`slow_or_fib`], and where it says that it has begun a `slow`
+/// request.
+fn slow_server(queue: &str) -> (Server, mpsc::Receiver<()>) {
+    let (begun, slow_begun) = mpsc::channel();
+    let server = start_server(queue, 2, move |request: &Request| {
+        if request.body() == b"slow" {
+            let _ = begun.send(());
+        }
+        slow_or_fib(request)
+    });
+    (server, slow_begun)
+}
+
+/// Makes a call with a 20 s timeout while `break_it` breaks its connection, once the server
+/// has begun the request (`slow_begun`), and checks that it fails promptly with a lost
+/// connection.
+fn assert_call_fails_promptly(
+    client: &mut Client,
+    slow_begun: mpsc::Receiver<()>,
+    break_it: impl FnOnce() + Send,
+) {
     thread::scope(|scope| {
-        scope.spawn(|| {
-            thread::sleep(Duration::from_millis(300));
+        scope.spawn(move || {
+            slow_begun
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the server begins the slow request");
             break_it();
         });
         let started = Instant::now();
@@ -53,12 +73,12 @@ fn assert_call_fails_promptly(client: &mut Client, break_it: impl FnOnce() + Sen
 fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-cut");
     let _guard = QueueGuard(queue.clone());
-    let server = start_server(&queue, 2, slow_or_fib);
+    let (server, slow_begun) = slow_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     assert_eq!(client.call(b"30").unwrap(), b"832040");
 
-    assert_call_fails_promptly(&mut client, || proxy.cut_all());
+    assert_call_fails_promptly(&mut client, slow_begun, || proxy.cut_all());
     assert_eq!(client.call(b"30").unwrap(), b"832040");
     assert_eq!(proxy.connections(), 2, "the second call connected again");
     server.shutdown().unwrap();
@@ -68,13 +88,15 @@ fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
 fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-closed");
     let _guard = QueueGuard(queue.clone());
-    let server = start_server(&queue, 2, slow_or_fib);
+    let (server, slow_begun) = slow_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     let names = proxy.broker_connection_names();
     assert_eq!(names.len(), 1);
 
-    assert_call_fails_promptly(&mut client, || broker_closes_connection(&names[0]));
+    assert_call_fails_promptly(&mut client, slow_begun, || {
+        broker_closes_connection(&names[0]);
+    });
     assert_eq!(client.call(b"10").unwrap(), b"55");
     server.shutdown().unwrap();
 }
@@ -83,7 +105,7 @@ fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_recon
 fn a_silent_broker_is_noticed_by_heartbeats() {
     let queue = unique_queue("silent");
     let _guard = QueueGuard(queue.clone());
-    let server = start_server(&queue, 2, slow_or_fib);
+    let (server, slow_begun) = slow_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut options = ClientOptions {
         queue: queue.clone(),
@@ -93,7 +115,7 @@ fn a_silent_broker_is_noticed_by_heartbeats() {
     let mut client = Client::with_options(&proxy.url(), options).unwrap();
 
     // No byte crosses any more, and nothing closes: only missed heartbeats can tell.
-    assert_call_fails_promptly(&mut client, || proxy.freeze());
+    assert_call_fails_promptly(&mut client, slow_begun, || proxy.freeze());
     server.shutdown().unwrap();
 }
 

@@ -115,14 +115,23 @@ fn sigterm_finishes_the_request_in_flight_then_exits_zero() {
 fn a_second_signal_exits_at_once() {
     let queue = unique_queue("second-signal");
     let _guard = QueueGuard(queue.clone());
-    let mut server = start_server_process(&queue, &["--max-n", "20000000"]);
+    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
+    let mut command = our_server(&queue);
+    command
+        .args(["--max-n", "20000000"])
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut server = spawn_until_ready(command, READY);
     // fib(20,000,000) keeps the worker busy for far longer than this test waits.
     publish_request(&queue, b"20000000");
     wait_until_taken(&queue);
 
     // Ctrl-C first, as a person at a terminal would, then a SIGTERM.
     send_signal(&server.0, "INT");
-    thread::sleep(Duration::from_millis(200));
+    wait_until("the server says it finishes its request first", || {
+        std::fs::read_to_string(&log_path)
+            .is_ok_and(|log| log.contains("shutting down: finishing in-flight requests"))
+    });
+    let _ = std::fs::remove_file(&log_path);
     assert!(
         server.0.try_wait().unwrap().is_none(),
         "the first signal waits for the request"
