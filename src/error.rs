@@ -38,7 +38,7 @@ pub enum Error {
 
     /// No TCP connection, or no AMQP handshake, could be completed with the broker at `addr`
     /// in time, or the broker did not answer while a client set up its channel and reply
-    /// queue.
+    /// queue, or a server its queues and workers.
     Connect {
         /// The broker's address, without credentials.
         addr: String,

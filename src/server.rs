@@ -20,7 +20,7 @@
 //! finish, reply and ack, and closes the connection.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -624,26 +624,48 @@ impl Supervisor {
     /// Connects, serves until shutdown or a failure, and closes the connection.
     fn serve_one_connection(&self, started: &mut Option<Sender<Result<()>>>) -> Result<SessionEnd> {
         let Some(Connected {
-            mut connection,
+            connection,
             socket,
             user,
-            ..
+            addr,
         }) = self.connect()?
         else {
             return Ok(SessionEnd::Stopped);
         };
-        for service in &self.services {
-            declare_queue(&mut connection, service)?;
-        }
+        // The handshake is done; declaring the queues and starting the workers wait for the
+        // broker's answers, which amiquip does without a bound: a connect timeout more, then
+        // the connection is cut.
+        let set_up_by = Instant::now() + self.options.connect.connect_timeout;
+        let timed_out = || Error::Connect {
+            addr: addr.clone(),
+            source: Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the broker did not answer in time while the server declared its queues and \
+                 started its workers",
+            )),
+        };
+        let services = self.services.clone();
+        let ((connection, opened), cut) =
+            connect::bounded("rpc-set-up", set_up_by, &socket, move || {
+                let mut connection = connection;
+                let opened = open_worker_channels(&mut connection, &services);
+                (connection, opened)
+            })?;
+        let channels = match opened {
+            Ok(channels) => channels,
+            Err(_) if cut => return Err(timed_out()),
+            Err(error) => {
+                let _ = connect::close(connection, &socket);
+                return Err(error);
+            }
+        };
+        let mut connection = connection;
         let mut pool = Pool::new(self.stop.clone(), user);
-        for service in &self.services {
-            for _ in 0..service.options.workers {
-                let channel = connection.open_channel(None)?;
-                if let Err(error) = pool.spawn(Arc::clone(service), channel) {
-                    let _ = connect::close(connection, &socket);
-                    pool.join();
-                    return Err(error);
-                }
+        for (service, channel) in channels {
+            if let Err(error) = pool.spawn(service, channel) {
+                let _ = connect::close(connection, &socket);
+                pool.join();
+                return Err(error);
             }
         }
         let total = pool.live.len();
@@ -655,6 +677,11 @@ impl Supervisor {
             select! {
                 recv(pool.ready) -> _ => ready_workers += 1,
                 recv(pool.ended) -> ended => failure = Some(pool.failure(ended)),
+                recv(crossbeam_channel::at(set_up_by)) -> _ => {
+                    // Ends the workers' waits for the broker to confirm their consumers.
+                    let _ = socket.shutdown(Shutdown::Both);
+                    failure = Some(timed_out());
+                }
             }
         }
         if failure.is_none() {
@@ -917,6 +944,23 @@ fn is_stopped(stop: &Receiver<Stop>) -> bool {
 }
 
 /// Declares a service's queue, on a channel of its own.
+/// Declares every service's queue, then opens a channel for each of their workers.
+fn open_worker_channels(
+    connection: &mut Connection,
+    services: &[Arc<Service>],
+) -> Result<Vec<(Arc<Service>, Channel)>> {
+    for service in services {
+        declare_queue(connection, service)?;
+    }
+    let mut channels = Vec::new();
+    for service in services {
+        for _ in 0..service.options.workers {
+            channels.push((Arc::clone(service), connection.open_channel(None)?));
+        }
+    }
+    Ok(channels)
+}
+
 fn declare_queue(connection: &mut Connection, service: &Service) -> Result<()> {
     let channel = connection.open_channel(None)?;
     channel.queue_declare(

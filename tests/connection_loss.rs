@@ -264,3 +264,29 @@ fn a_call_that_reconnects_to_a_broker_that_stops_answering_after_the_handshake_e
     assert!(matches!(error, Error::Connect { .. }), "{error:?}");
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_server_whose_broker_stops_answering_after_the_handshake_fails_to_start_in_time() {
+    // Never declared: the server waits for its channel before it declares.
+    let queue = unique_queue("silent-server-setup");
+    let proxy = FaultProxy::start(&require_broker());
+    proxy.go_silent_after_handshakes();
+    let mut options = ServerOptions::default();
+    options.connect.connect_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    // Before, the server waited for the answer to its first channel.open until the heartbeats
+    // ran out (20 s).
+    let error = Server::builder(&proxy.url())
+        .options(options)
+        .serve(&queue, QueueOptions::with_workers(2), slow_or_fib)
+        .start()
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(4), "failed after {waited:?}");
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    assert!(
+        error.chain().contains("did not answer"),
+        "{}",
+        error.chain()
+    );
+}
