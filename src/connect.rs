@@ -66,7 +66,9 @@ pub struct TlsOptions {
 /// How to open a connection, beyond what the URL says.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// How long to wait for the TCP connection and for the AMQP handshake. Default: 5 s.
+    /// How long to wait for the TCP connection and for the AMQP handshake, and again for the
+    /// broker's answers while a client sets up its channel and reply queue, or a server its
+    /// queues and workers. Default: 5 s.
     pub connect_timeout: Duration,
     /// AMQP heartbeat interval in seconds; a silent peer is noticed after about two intervals.
     /// 0 disables heartbeats. Default: 10.
