@@ -652,8 +652,9 @@ impl Supervisor {
                 (connection, opened)
             })?;
         let channels = match opened {
+            // Cut, it may still have ended well, just too late: the connection is gone.
+            _ if cut => return Err(timed_out()),
             Ok(channels) => channels,
-            Err(_) if cut => return Err(timed_out()),
             Err(error) => {
                 let _ = connect::close(connection, &socket);
                 return Err(error);

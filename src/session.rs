@@ -434,8 +434,8 @@ impl Session {
             reply_to,
             replies,
         } = match set_up {
-            Ok(set_up) => set_up,
-            Err(_) if cut => {
+            // Cut, it may still have ended well, just too late: the connection is gone.
+            _ if cut => {
                 return Err(Error::Connect {
                     addr,
                     source: Arc::new(std::io::Error::new(
@@ -445,6 +445,7 @@ impl Session {
                     )),
                 });
             }
+            Ok(set_up) => set_up,
             Err(error) => {
                 let _ = connect::close(connection, &socket);
                 return Err(error.into());
