@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use amqp_rpc::{Error, QueueOptions, Request, Server, ServerOptions};
 use common::{
-    QueueGuard, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
+    QueueGuard, Release, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
     start_fib_server, unacked_messages, unique_queue, wait_until,
 };
 
@@ -200,16 +200,6 @@ fn signal(name: &str, pid: &str) {
     if !sent.as_ref().is_ok_and(|status| status.success()) {
         // Not a panic: this may run while a failing test unwinds.
         eprintln!("could not send SIG{name} to the broker ({pid}): {sent:?}");
-    }
-}
-
-/// Sets its flag when dropped: a handler held with [`hold_until`] is let go by a failing test
-/// too, whose server could not otherwise stop.
-struct Release(Arc<AtomicBool>);
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,8 +15,8 @@ use amqp_rpc::{
 };
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, broker_closes_connection, client_at, client_for, require_broker, start_server,
-    unique_queue,
+    QueueGuard, Release, broker_closes_connection, client_at, client_for, hold_until,
+    require_broker, start_server, unique_queue,
 };
 
 /// Answers `n` with fib(n), but takes two seconds over the request `slow`.
@@ -28,17 +28,22 @@ fn slow_or_fib(request: &Request) -> Result<Vec<u8>, HandlerError> {
     fib::handle_request(request.body(), 1000)
 }
 
-/// A server of `queue` with [`slow_or_fib`], and where it says that it has begun a `slow`
-/// request.
-fn slow_server(queue: &str) -> (Server, mpsc::Receiver<()>) {
+/// A server of `queue` that answers fib(n) and holds the request `slow`: it says when it has
+/// begun one, and answers it once the returned guard is dropped, so that the test breaks the
+/// connection while the request is surely in flight, however long breaking it takes.
+fn holding_server(queue: &str) -> (Server, mpsc::Receiver<()>, Release) {
     let (begun, slow_begun) = mpsc::channel();
+    let released = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&released);
     let server = start_server(queue, 2, move |request: &Request| {
         if request.body() == b"slow" {
             let _ = begun.send(());
+            hold_until(&held);
+            return Ok(b"slow".to_vec());
         }
-        slow_or_fib(request)
+        fib::handle_request(request.body(), 1000)
     });
-    (server, slow_begun)
+    (server, slow_begun, Release(released))
 }
 
 /// Makes a call with a 20 s timeout while `break_it` breaks its connection, once the server
@@ -73,7 +78,7 @@ fn assert_call_fails_promptly(
 fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-cut");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun) = slow_server(&queue);
+    let (server, slow_begun, release) = holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     assert_eq!(client.call(b"30").unwrap(), b"832040");
@@ -81,6 +86,7 @@ fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
     assert_call_fails_promptly(&mut client, slow_begun, || proxy.cut_all());
     assert_eq!(client.call(b"30").unwrap(), b"832040");
     assert_eq!(proxy.connections(), 2, "the second call connected again");
+    drop(release);
     server.shutdown().unwrap();
 }
 
@@ -88,7 +94,7 @@ fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
 fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-closed");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun) = slow_server(&queue);
+    let (server, slow_begun, release) = holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     let names = proxy.broker_connection_names();
@@ -98,6 +104,7 @@ fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_recon
         broker_closes_connection(&names[0]);
     });
     assert_eq!(client.call(b"10").unwrap(), b"55");
+    drop(release);
     server.shutdown().unwrap();
 }
 
@@ -105,7 +112,7 @@ fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_recon
 fn a_silent_broker_is_noticed_by_heartbeats() {
     let queue = unique_queue("silent");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun) = slow_server(&queue);
+    let (server, slow_begun, release) = holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut options = ClientOptions {
         queue: queue.clone(),
@@ -116,6 +123,7 @@ fn a_silent_broker_is_noticed_by_heartbeats() {
 
     // No byte crosses any more, and nothing closes: only missed heartbeats can tell.
     assert_call_fails_promptly(&mut client, slow_begun, || proxy.freeze());
+    drop(release);
     server.shutdown().unwrap();
 }
 

@@ -200,6 +200,16 @@ pub fn hold_until(released: &std::sync::atomic::AtomicBool) {
     }
 }
 
+/// Sets its flag when dropped: a handler held with [`hold_until`] is let go by a failing test
+/// too, whose server could not otherwise stop.
+pub struct Release(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Runs `rabbitmqctl` with `args`, fails the test if it fails, and returns what it printed.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl")
