@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,6 +37,17 @@ fn start_server_process(queue: &str, extra: &[&str]) -> Running {
     spawn_until_ready(command, READY)
 }
 
+/// As [`start_server_process`], with the server's log (its stderr) going to the file whose
+/// path comes back.
+fn start_logging_server_process(queue: &str, extra: &[&str]) -> (Running, PathBuf) {
+    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
+    let mut command = our_server(queue);
+    command
+        .args(extra)
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    (spawn_until_ready(command, READY), log_path)
+}
+
 /// Waits until a server has taken a request of `queue` and not yet acked it.
 fn wait_until_taken(queue: &str) {
     wait_until("a server took the request", || unacked_messages(queue) > 0);
@@ -45,12 +57,7 @@ fn wait_until_taken(queue: &str) {
 fn a_refused_request_is_logged_by_the_server_and_reported_by_the_client() {
     let queue = unique_queue("binary-remote-error");
     let _guard = QueueGuard(queue.clone());
-    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
-    let mut command = our_server(&queue);
-    command
-        .args(["--max-n", "50"])
-        .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut server = spawn_until_ready(command, READY);
+    let (mut server, log_path) = start_logging_server_process(&queue, &["--max-n", "50"]);
 
     let output = our_client(&queue, &["51"]);
     let (_, stderr) = text(&output);
@@ -115,12 +122,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_zero() {
 fn a_second_signal_exits_at_once() {
     let queue = unique_queue("second-signal");
     let _guard = QueueGuard(queue.clone());
-    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
-    let mut command = our_server(&queue);
-    command
-        .args(["--max-n", "20000000"])
-        .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut server = spawn_until_ready(command, READY);
+    let (mut server, log_path) = start_logging_server_process(&queue, &["--max-n", "20000000"]);
     // fib(20,000,000) keeps the worker busy for far longer than this test waits.
     publish_request(&queue, b"20000000");
     wait_until_taken(&queue);
