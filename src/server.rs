@@ -645,7 +645,7 @@ impl Supervisor {
             )),
         };
         let services = self.services.clone();
-        let ((connection, opened), cut) =
+        let ((mut connection, opened), cut) =
             connect::bounded("rpc-set-up", set_up_by, &socket, move || {
                 let mut connection = connection;
                 let opened = open_worker_channels(&mut connection, &services);
@@ -660,7 +660,6 @@ impl Supervisor {
                 return Err(error);
             }
         };
-        let mut connection = connection;
         let mut pool = Pool::new(self.stop.clone(), user);
         for (service, channel) in channels {
             if let Err(error) = pool.spawn(service, channel) {
