@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use amqp_rpc::{Error, QueueOptions, Request, Server, ServerOptions};
 use common::{
-    QueueGuard, Release, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
-    start_fib_server, unacked_messages, unique_queue, wait_until,
+    QueueGuard, client_for, hold_until, publish_request, rabbitmqctl, require_broker,
+    start_fib_server, start_holding_server, unacked_messages, unique_queue, wait_until,
 };
 
 /// Held by each test for its whole run: one test's alarm would block the other's calls.
@@ -208,25 +208,14 @@ fn a_call_to_a_broker_that_stops_answering_ends_at_its_timeout() {
     let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
     let queue = unique_queue("paused");
     let _guard = QueueGuard(queue.clone());
-    let released = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&released);
-    let (holding, handler_holds) = mpsc::channel();
-    let server = Server::builder(&require_broker())
-        .serve(&queue, QueueOptions::with_workers(1), move |_: &Request| {
-            let _ = holding.send(());
-            hold_until(&held);
-            Ok(b"done".to_vec())
-        })
-        .start()
-        .unwrap();
-    let release = Release(released);
+    let (server, handler_holds, release) = start_holding_server(&queue);
     let timeout = Duration::from_secs(5);
     let client = client_for(&queue, timeout);
     let broker = PausedBroker::find();
     let caller = client.clone();
     let call = thread::spawn(move || {
         let began = std::time::Instant::now();
-        (caller.call(b"held"), began.elapsed())
+        (caller.call(b"slow"), began.elapsed())
     });
     // The broker is paused as soon as the server holds the request, well before the call
     // times out.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,8 +15,8 @@ use amqp_rpc::{
 };
 use common::proxy::FaultProxy;
 use common::{
-    QueueGuard, Release, broker_closes_connection, client_at, client_for, hold_until,
-    require_broker, start_server, unique_queue,
+    QueueGuard, broker_closes_connection, client_at, client_for, require_broker,
+    start_holding_server, start_server, unique_queue,
 };
 
 /// Answers `n` with fib(n), but takes two seconds over the request `slow`.
@@ -26,24 +26,6 @@ fn slow_or_fib(request: &Request) -> Result<Vec<u8>, HandlerError> {
         return Ok(b"slow".to_vec());
     }
     fib::handle_request(request.body(), 1000)
-}
-
-/// A server of `queue` that answers fib(n) and holds the request `slow`: it says when it has
-/// begun one, and answers it once the returned guard is dropped, so that the test breaks the
-/// connection while the request is surely in flight, however long breaking it takes.
-fn holding_server(queue: &str) -> (Server, mpsc::Receiver<()>, Release) {
-    let (begun, slow_begun) = mpsc::channel();
-    let released = Arc::new(AtomicBool::new(false));
-    let held = Arc::clone(&released);
-    let server = start_server(queue, 2, move |request: &Request| {
-        if request.body() == b"slow" {
-            let _ = begun.send(());
-            hold_until(&held);
-            return Ok(b"slow".to_vec());
-        }
-        fib::handle_request(request.body(), 1000)
-    });
-    (server, slow_begun, Release(released))
 }
 
 /// Makes a call with a 20 s timeout while `break_it` breaks its connection, once the server
@@ -78,7 +60,7 @@ fn assert_call_fails_promptly(
 fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-cut");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun, release) = holding_server(&queue);
+    let (server, slow_begun, release) = start_holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     assert_eq!(client.call(b"30").unwrap(), b"832040");
@@ -94,7 +76,7 @@ fn a_cut_connection_fails_the_waiting_call_and_the_next_call_reconnects() {
 fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_reconnects() {
     let queue = unique_queue("client-closed");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun, release) = holding_server(&queue);
+    let (server, slow_begun, release) = start_holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut client = client_at(&proxy.url(), &queue, Duration::from_secs(10));
     let names = proxy.broker_connection_names();
@@ -112,7 +94,7 @@ fn a_connection_the_broker_closes_fails_the_waiting_call_and_the_next_call_recon
 fn a_silent_broker_is_noticed_by_heartbeats() {
     let queue = unique_queue("silent");
     let _guard = QueueGuard(queue.clone());
-    let (server, slow_begun, release) = holding_server(&queue);
+    let (server, slow_begun, release) = start_holding_server(&queue);
     let proxy = FaultProxy::start(&require_broker());
     let mut options = ClientOptions {
         queue: queue.clone(),

@@ -210,6 +210,24 @@ impl Drop for Release {
     }
 }
 
+/// A server of `queue` that answers fib(n) and holds the request `slow`: it says on the
+/// returned receiver when it has begun one, and answers it once the returned guard is dropped,
+/// so that a test can act while the request is surely in flight, however long acting takes.
+pub fn start_holding_server(queue: &str) -> (Server, std::sync::mpsc::Receiver<()>, Release) {
+    let (begun, slow_begun) = std::sync::mpsc::channel();
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = std::sync::Arc::clone(&released);
+    let server = start_server(queue, 2, move |request: &Request| {
+        if request.body() == b"slow" {
+            let _ = begun.send(());
+            hold_until(&held);
+            return Ok(b"slow".to_vec());
+        }
+        fib::handle_request(request.body(), 1000)
+    });
+    (server, slow_begun, Release(released))
+}
+
 /// Runs `rabbitmqctl` with `args`, fails the test if it fails, and returns what it printed.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl")
