@@ -333,9 +333,9 @@ impl Brokers {
                 }
                 options.connect_timeout = options.connect_timeout.min(left);
             }
-            match open_address(address, &options).and_then(|(connection, socket)| {
-                with_user(connection, socket, address, &options.tls)
-            }) {
+            match open_address(address, &options)
+                .and_then(|(connection, socket)| with_user(connection, socket, address, &options))
+            {
                 Ok(connected) => {
                     self.next.store(index + 1, Ordering::Relaxed);
                     return Ok(connected);
@@ -355,34 +355,61 @@ impl Brokers {
 }
 
 /// `connection` with the user it authenticated as: the URL's, or with EXTERNAL
-/// [`TlsOptions::external_user`], once the broker has confirmed it.
+/// [`TlsOptions::external_user`], once the broker has confirmed it. The confirmation waits for
+/// the broker's answers, which amiquip does without a bound, so it runs within
+/// `options.connect_timeout` (the time the call has left, when a call connects).
 ///
 /// # Errors
 ///
-/// Those of [`confirm_external_user`].
+/// Those of [`confirm_external_user`]; [`Error::Connect`] when the broker does not answer in
+/// time.
 fn with_user(
-    mut connection: Connection,
+    connection: Connection,
     socket: TcpStream,
     address: &BrokerAddress,
-    tls: &TlsOptions,
+    options: &ConnectOptions,
 ) -> Result<Connected> {
-    if !(address.tls && tls.external_auth) {
-        return Ok(Connected {
-            connection,
-            socket,
-            user: Some(address.username.clone()),
-            addr: url_for_display(address),
-        });
-    }
-    if let Some(user) = &tls.external_user {
-        confirm_external_user(&mut connection, user, address)?;
-    }
-    Ok(Connected {
+    let tls = &options.tls;
+    let connected = |connection, socket, user| Connected {
         connection,
         socket,
-        user: tls.external_user.clone(),
+        user,
         addr: url_for_display(address),
-    })
+    };
+    if !(address.tls && tls.external_auth) {
+        return Ok(connected(
+            connection,
+            socket,
+            Some(address.username.clone()),
+        ));
+    }
+    let Some(user) = tls.external_user.clone() else {
+        return Ok(connected(connection, socket, None));
+    };
+    let (host, port) = (address.host.clone(), address.port);
+    let confirm_by = Instant::now() + options.connect_timeout;
+    let ((connection, confirmed), cut) =
+        bounded("rpc-external-user", confirm_by, &socket, move || {
+            let mut connection = connection;
+            let confirmed = confirm_external_user(&mut connection, &user, &host, port);
+            (connection, confirmed.map(|()| user))
+        })?;
+    match confirmed {
+        // Cut, it may still have ended well, just too late: the connection is gone.
+        _ if cut => Err(connect_error(
+            address,
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the broker did not answer in time while confirming the client certificate's \
+                 user",
+            ),
+        )),
+        Ok(user) => Ok(connected(connection, socket, Some(user))),
+        Err(error) => {
+            let _ = close(connection, &socket);
+            Err(error)
+        }
+    }
 }
 
 /// Has the broker confirm that `user` is the user it authenticated `connection` as, by its
@@ -400,7 +427,8 @@ fn with_user(
 fn confirm_external_user(
     connection: &mut Connection,
     user: &str,
-    address: &BrokerAddress,
+    host: &str,
+    port: u16,
 ) -> Result<()> {
     let channel = connection.open_channel(None)?;
     let probe = Publish {
@@ -417,9 +445,8 @@ fn confirm_external_user(
         Ok(()) => Ok(channel.close()?),
         // The address without a user: with EXTERNAL, the URL's user plays no part.
         Err(amiquip::Error::ServerClosedChannel { message, .. }) => Err(Error::Config(format!(
-            "TlsOptions::external_user is '{user}', but the broker at amqps://{}:{} \
-             authenticated the client certificate as another user: {message}",
-            address.host, address.port
+            "TlsOptions::external_user is '{user}', but the broker at amqps://{host}:{port} \
+             authenticated the client certificate as another user: {message}"
         ))),
         Err(other) => Err(Error::from_amqp(other)),
     }

@@ -37,8 +37,9 @@ pub enum Error {
     Config(String),
 
     /// No TCP connection, or no AMQP handshake, could be completed with the broker at `addr`
-    /// in time, or the broker did not answer while a client set up its channel and reply
-    /// queue, or a server its queues and workers.
+    /// in time, or the broker did not answer while it confirmed
+    /// [`TlsOptions::external_user`](crate::TlsOptions::external_user), while a client set up
+    /// its channel and reply queue, or while a server set up its queues and workers.
     Connect {
         /// The broker's address, without credentials.
         addr: String,

@@ -11,12 +11,13 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amqp_rpc::{
     Client, ClientOptions, ConnectOptions, HandlerError, QueueOptions, QueueType, Request, Server,
     ServerOptions, TlsOptions, fib,
 };
+use common::proxy::{FaultProxy, assert_failed_to_connect_in_time};
 use common::unique_queue;
 
 const NODES: [(&str, u16); 3] = [("c1", 5681), ("c2", 5682), ("c3", 5683)];
@@ -571,6 +572,55 @@ fn tls_is_set_in_the_api_and_the_binaries_and_each_failure_says_which() {
         "{error}"
     );
     server.shutdown().unwrap();
+}
+
+#[test]
+fn a_broker_silent_while_it_confirms_the_external_user_fails_the_connect_in_time() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let proxy = FaultProxy::start("amqps://localhost:5692/%2f");
+    // How many TLS records the broker sends until the connection is open: amiquip alone, with
+    // the client certificate and EXTERNAL, through the proxy.
+    proxy.forward_tls_records(usize::MAX);
+    let read = |name: &str| std::fs::read(tls_file(name)).unwrap();
+    let connector = native_tls::TlsConnector::builder()
+        .add_root_certificate(native_tls::Certificate::from_pem(&read("ca.pem")).unwrap())
+        .identity(
+            native_tls::Identity::from_pkcs8(&read("client.pem"), &read("client.key")).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let proxy_port = url::Url::parse(&proxy.url()).unwrap().port().unwrap();
+    let stream = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+    let opened = amiquip::Connection::open_tls_stream(
+        connector,
+        "127.0.0.1",
+        mio::net::TcpStream::from_stream(stream).unwrap(),
+        amiquip::ConnectionOptions::default().auth(amiquip::Auth::External),
+        amiquip::ConnectionTuning::default(),
+    )
+    .unwrap();
+    let handshakes = proxy.tls_records();
+    opened.close().unwrap();
+
+    // Past those, the broker goes silent: right when the client asks it to confirm the user.
+    proxy.forward_tls_records(handshakes);
+    let mut connect = external(Some(TLS_USER));
+    connect.connect_timeout = Duration::from_secs(2);
+    let options = ClientOptions {
+        queue: unique_queue("cluster-tls-silent"),
+        connect,
+        ..ClientOptions::default()
+    };
+    let started = Instant::now();
+    // Before, the confirmation waited for the answer to its channel.open until the heartbeats
+    // ran out (20 s), and failed as a lost connection.
+    let error = Client::with_options(&proxy.url(), options).unwrap_err();
+    assert_failed_to_connect_in_time(
+        &error,
+        started.elapsed(),
+        "confirming the client certificate's user",
+    );
 }
 
 /// The user of the test cluster's client certificate (its CN; node c2 takes the user from it).
