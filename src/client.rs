@@ -503,9 +503,9 @@ impl Batch<'_> {
     /// The error that broke the session; the calls it left unanswered stay pending.
     fn exchange(&mut self, session: &Session) -> Result<()> {
         if let Some(reason) = session.blocked() {
-            // The broker would not read the requests: they would wait unsent in memory and,
-            // past amiquip's 16 MiB of unsent bytes, block the publishing thread with the
-            // channel's lock held, and every caller behind it. The caller hears it now.
+            // The broker would not read the requests: they would wait unsent in memory until
+            // their calls time out and, past amiquip's 16 MiB of unsent bytes, have the
+            // connection cut (see `session::Publisher`). The caller hears it now.
             for index in std::mem::take(&mut self.pending) {
                 self.outcomes[index] = Some(Err(Error::Blocked {
                     queue: self.queue.clone(),

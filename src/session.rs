@@ -24,7 +24,9 @@
 //! to the socket). Direct reply-to requires publishing on the channel that consumes the
 //! replies, which rules out a pool of publishing channels; a publisher thread would cost every
 //! call two more thread hand-offs. Measured with `bench/run` on 2 cores: see the README's
-//! performance table, where 64 threads publish through this one lock.
+//! performance table, where 64 threads publish through this one lock. Callers take their turn
+//! at it within their call's deadline, and a publish stuck past its own is ended by cutting
+//! the connection: see [`Publisher`].
 //!
 //! **The reply consumer** is never cancelled: its `Consumer` handle is forgotten right after
 //! `basic_consume` (so that the channel can move into the mutex), which keeps its receiver
@@ -34,7 +36,7 @@
 //! connection, which ends the consumer with it.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -53,7 +55,7 @@ use crate::connect::{self, Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
-use crate::sync::{lock, wait_timeout};
+use crate::sync::{deadline_after, lock, wait_timeout};
 use crate::wire::{self, DIRECT_REPLY_TO};
 
 /// What a waiting caller is told, by the reader or by the session.
@@ -249,16 +251,18 @@ impl Shared {
         }
     }
 
-    /// Marks the session broken and tells every waiting call why.
-    fn break_with(&self, error: Error) {
+    /// Marks the session broken and tells every waiting call why; returns why, which is an
+    /// earlier `error` when the session had broken already.
+    fn break_with(&self, error: Error) -> Error {
         let mut awaited = self.awaited();
         if awaited.broken.is_none() {
             debug!("the client's session broke: {error}");
         }
+        let reason = awaited.broken.get_or_insert(error).clone();
         for (_, waiter) in awaited.calls.drain() {
-            waiter.mailbox.post(Event::Lost(error.clone()));
+            waiter.mailbox.post(Event::Lost(reason.clone()));
         }
-        awaited.broken.get_or_insert(error);
+        reason
     }
 
     /// As the reader: reads the next reply or returned request and hands it to the call that
@@ -348,10 +352,89 @@ impl Shared {
     }
 }
 
+/// The channel every caller publishes on (it also carries the reply consumer), one publish at
+/// a time, and the deadline of the call whose request is being published.
+///
+/// amiquip's `basic_publish` hands the frames to its I/O thread and returns at once, until 16
+/// MiB wait unsent: then it blocks, without a bound, until the broker reads them. A broker
+/// that reads nothing (paused, or behind a network that drops everything) and large requests
+/// get there within seconds, and the caller inside would hold every other caller behind the
+/// lock past their deadlines, until the heartbeats ran out (15 s past a 2 s timeout, with
+/// eight threads sending 4 MiB requests to a paused broker). So callers wait for their turn
+/// no longer than their call's deadline (the call then times out, never sent), and a publish
+/// still going [`STUCK_PUBLISH`] past its call's deadline is ended by the session's idle
+/// thread, which cuts the connection (see [`drain_while_idle`]).
+struct Publisher {
+    channel: Mutex<Channel>,
+    turn: Mutex<Turn>,
+    /// Signalled when the turn is free and callers wait for it.
+    turn_free: Condvar,
+}
+
+/// Who publishes on a [`Publisher`] now.
+#[derive(Default)]
+struct Turn {
+    /// The deadline of the call being published, while one is.
+    publishing_until: Option<Instant>,
+    /// Callers waiting for the turn.
+    waiting: usize,
+}
+
+/// How long past its call's deadline a publish may still be going before the session cuts
+/// the connection: on a broker that reads, even a large request is handed over in
+/// milliseconds.
+const STUCK_PUBLISH: Duration = Duration::from_secs(1);
+
+impl Publisher {
+    fn new(channel: Channel) -> Publisher {
+        Publisher {
+            channel: Mutex::new(channel),
+            turn: Mutex::default(),
+            turn_free: Condvar::new(),
+        }
+    }
+
+    /// Publishes `publish` once it is this caller's turn, or returns `Ok(false)`, not sent,
+    /// when the turn has not come by `deadline`.
+    fn publish(&self, publish: Publish, deadline: Instant) -> amiquip::Result<bool> {
+        {
+            let mut turn = lock(&self.turn);
+            while turn.publishing_until.is_some() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                turn.waiting += 1;
+                turn = wait_timeout(&self.turn_free, turn, left);
+                turn.waiting -= 1;
+            }
+            turn.publishing_until = Some(deadline);
+        }
+        let published = lock(&self.channel).basic_publish("", publish);
+        let waiting = {
+            let mut turn = lock(&self.turn);
+            turn.publishing_until = None;
+            turn.waiting
+        };
+        // Only when someone waits: a signal is a system call.
+        if waiting > 0 {
+            self.turn_free.notify_one();
+        }
+        published.map(|()| true)
+    }
+
+    /// True when a publish has been going for [`STUCK_PUBLISH`] past its call's deadline.
+    fn is_stuck(&self) -> bool {
+        lock(&self.turn)
+            .publishing_until
+            .and_then(|until| until.checked_add(STUCK_PUBLISH))
+            .is_some_and(|cut_at| cut_at < Instant::now())
+    }
+}
+
 /// A connection with its publishing channel and reply consumer.
 pub(crate) struct Session {
-    /// The channel every caller publishes on; it also carries the reply consumer.
-    channel: Mutex<Channel>,
+    publisher: Arc<Publisher>,
     /// `None` once closed.
     connection: Arc<Mutex<Option<Connection>>>,
     /// The connection's TCP socket, for a close the broker does not confirm to cut.
@@ -398,9 +481,12 @@ type Answer = (Option<Channel>, amiquip::Result<Option<QueueState>>);
 struct Probe {
     /// The channel, while no question is out on it.
     channel: Option<Channel>,
-    /// Where the answer to a question that outlasted [`QUEUE_STATE_WAIT`] will come, with the
-    /// channel; the next look waits for it instead of asking again.
-    out: Option<Receiver<Answer>>,
+    /// When a question that outlasted [`QUEUE_STATE_WAIT`] was asked, and where its answer
+    /// will come, with the channel; the next look takes that answer instead of asking again,
+    /// but waits for it only until [`QUEUE_STATE_WAIT`] after the question. Each look holds
+    /// the lock while it waits, so that with eight threads timing out together on a broker
+    /// that had stopped answering, the last one waited eight times as long (2 s).
+    out: Option<(Instant, Receiver<Answer>)>,
     last: Option<(Instant, QueueState)>,
 }
 
@@ -467,14 +553,16 @@ impl Session {
             max_reply: options.max_reply,
             server_user: options.server_user.clone(),
         });
+        let publisher = Arc::new(Publisher::new(channel));
         let idle = Arc::clone(&shared);
+        let watched = (Arc::clone(&publisher), socket.try_clone());
         thread::Builder::new()
             .name("rpc-client-idle".into())
-            .spawn(move || drain_while_idle(&idle))
+            .spawn(move || drain_while_idle(&idle, &watched.0, watched.1.ok().as_ref()))
             .map_err(|e| Error::Internal(format!("cannot start the client's idle thread: {e}")))?;
         debug!("client ready, replies to {reply_to}");
         Ok(Session {
-            channel: Mutex::new(channel),
+            publisher,
             connection: Arc::new(Mutex::new(Some(connection))),
             socket,
             reply_to,
@@ -537,7 +625,8 @@ impl Session {
         }
         for ((call, left), id) in requests.into_iter().zip(&ids) {
             if let Err(error) = self.publish(call, id, left) {
-                self.shared.break_with(error.clone());
+                // The idle thread's reason, when it cut a publish that was stuck.
+                let error = self.shared.break_with(error);
                 self.leave(role, &ids, mailbox);
                 return Err(error);
             }
@@ -545,7 +634,10 @@ impl Session {
         Ok((ids, role))
     }
 
+    /// Publishes a request, unless its call's deadline, `left` from now, passes before its
+    /// turn comes (see [`Publisher`]): it then stays unsent, and the call times out.
     fn publish(&self, call: &Call, correlation_id: &str, left: Duration) -> Result<()> {
+        let deadline = deadline_after(Instant::now(), left);
         let mut properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
         if let Some(user) = &self.user {
             properties = properties.with_user_id(user.clone());
@@ -557,8 +649,14 @@ impl Session {
             immediate: false,
             properties,
         };
-        lock(&self.channel).basic_publish("", publish)?;
-        trace!("published request {correlation_id} to {}", self.queue);
+        if self.publisher.publish(publish, deadline)? {
+            trace!("published request {correlation_id} to {}", self.queue);
+        } else {
+            debug!(
+                "request {correlation_id} not sent: its deadline passed while another request \
+                 was being handed to the connection"
+            );
+        }
         Ok(())
     }
 
@@ -617,11 +715,11 @@ impl Session {
         {
             return Some(state);
         }
-        let answer = match probe.out.take() {
+        let (asked, answer) = match probe.out.take() {
             Some(out) => out,
-            None => self.ask(probe.channel.take())?,
+            None => (Instant::now(), self.ask(probe.channel.take())?),
         };
-        match answer.recv_timeout(QUEUE_STATE_WAIT) {
+        match answer.recv_deadline(asked + QUEUE_STATE_WAIT) {
             Ok((channel, Ok(state))) => {
                 probe.channel = channel;
                 if let Some(state) = state {
@@ -645,7 +743,7 @@ impl Session {
                     QUEUE_STATE_WAIT.as_secs_f64(),
                     self.queue
                 );
-                probe.out = Some(answer);
+                probe.out = Some((asked, answer));
                 None
             }
             Err(RecvTimeoutError::Disconnected) => None,
@@ -811,7 +909,11 @@ fn set_up_on(connection: &mut Connection, route: ReplyRoute) -> amiquip::Result<
 /// sleeps instead of polling: turns of 10 ms woke it 233 times a second (0.4% of a core).
 /// Two threads never read at once: a reader blocked on the consumer would not see an answer
 /// that another put in its mailbox.
-fn drain_while_idle(shared: &Shared) {
+///
+/// While calls wait, it also watches `publisher`: a publish stuck [`STUCK_PUBLISH`] past its
+/// call's deadline ends when this thread breaks the session and cuts `socket`, the
+/// connection's own (see [`Publisher`]).
+fn drain_while_idle(shared: &Shared, publisher: &Publisher, socket: Option<&TcpStream>) {
     const IDLE: Duration = Duration::from_millis(50);
     // The longest turn, for a session that broke without a word on its consumer.
     const LONGEST_TURN: Duration = Duration::from_secs(1);
@@ -828,6 +930,10 @@ fn drain_while_idle(shared: &Shared) {
             };
             if idle_for < IDLE {
                 drop(awaited);
+                if publisher.is_stuck() {
+                    cut_stuck_publish(shared, socket);
+                    return;
+                }
                 thread::sleep(IDLE - idle_for);
                 continue;
             }
@@ -859,12 +965,35 @@ fn drain_while_idle(shared: &Shared) {
             default(LONGEST_TURN) => None,
         };
         if let Some(error) = ended {
-            return shared.break_with(error);
+            shared.break_with(error);
+            return;
         }
         // The turn is over: to a call that began meanwhile, or to nobody.
         let mut awaited = shared.awaited();
         awaited.idle_reading = false;
         awaited.pass_reading_on();
+    }
+}
+
+/// Ends a publish that [`Publisher::is_stuck`]: breaks the session, which fails every call
+/// waiting on it as a lost connection (or has it sent again, with retry), and cuts `socket`,
+/// which ends amiquip's I/O thread, and the publish with it.
+fn cut_stuck_publish(shared: &Shared, socket: Option<&TcpStream>) {
+    warn!(
+        "a request could not be handed to the connection within {} s past its call's timeout \
+         (a broker that reads nothing: paused, or behind a network that drops everything): \
+         cutting the connection",
+        STUCK_PUBLISH.as_secs()
+    );
+    shared.break_with(Error::lost(amiquip::Error::IoErrorWritingSocket {
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the broker read none of the requests waiting to be sent for a call's whole \
+             timeout: the client cut the connection",
+        ),
+    }));
+    if let Some(socket) = socket {
+        let _ = socket.shutdown(Shutdown::Both);
     }
 }
 

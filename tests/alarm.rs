@@ -14,7 +14,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amqp_rpc::{Error, QueueOptions, Request, Server, ServerOptions};
 use common::{
@@ -279,4 +279,56 @@ fn an_idle_server_shuts_down_soon_while_the_broker_stops_answering() {
     let took = began.elapsed();
     drop(broker);
     assert!(took < Duration::from_secs(13), "took {took:?}");
+}
+
+#[test]
+fn large_requests_to_a_broker_that_stops_answering_end_near_their_timeouts() {
+    let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
+    let queue = unique_queue("paused-large");
+    let _guard = QueueGuard(queue.clone());
+    let timeout = Duration::from_secs(2);
+    let client = client_for(&queue, timeout);
+    let broker = PausedBroker::find();
+    broker.pause();
+    // 64 MiB in all: past the kernel's socket buffers and amiquip's 16 MiB of unsent bytes,
+    // after which a publish waits for the broker to read.
+    let body = Arc::new(vec![b'1'; 4 << 20]);
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, body) = (client.clone(), Arc::clone(&body));
+            thread::spawn(move || {
+                (0..2)
+                    .map(|_| {
+                        let began = Instant::now();
+                        let outcome = client.call(&body);
+                        (outcome.map(|_| ()), began.elapsed())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // Before, the callers behind a publish that waited for the broker waited with it, until
+    // the heartbeats ran out: up to 17 s.
+    let outcomes = within(Duration::from_secs(10), move || {
+        callers
+            .into_iter()
+            .flat_map(|caller| caller.join().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .expect("every call ends while the broker is paused");
+    for (outcome, took) in &outcomes {
+        assert!(outcome.is_err(), "a paused broker answered");
+        // The timeout, the second a publish may be stuck past it, and slack for a loaded
+        // machine.
+        assert!(
+            *took < timeout + Duration::from_millis(1500),
+            "a call ended {took:?} after it began: {outcome:?}"
+        );
+    }
+    // One publish was stuck, and the client cut its connection: the next calls connect again
+    // once the broker answers.
+    drop(broker);
+    let server = start_fib_server(&queue, 1);
+    assert_eq!(client.call(b"10").unwrap(), b"55");
+    server.shutdown().unwrap();
 }
