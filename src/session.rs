@@ -555,10 +555,10 @@ impl Session {
         });
         let publisher = Arc::new(Publisher::new(channel));
         let idle = Arc::clone(&shared);
-        let watched = (Arc::clone(&publisher), socket.try_clone());
+        let (watched, socket_to_cut) = (Arc::clone(&publisher), socket.try_clone().ok());
         thread::Builder::new()
             .name("rpc-client-idle".into())
-            .spawn(move || drain_while_idle(&idle, &watched.0, watched.1.ok().as_ref()))
+            .spawn(move || drain_while_idle(&idle, &watched, socket_to_cut.as_ref()))
             .map_err(|e| Error::Internal(format!("cannot start the client's idle thread: {e}")))?;
         debug!("client ready, replies to {reply_to}");
         Ok(Session {
