@@ -249,6 +249,18 @@ pub(crate) fn bounded<T: Send + 'static>(
     outcome.ok_or_else(|| Error::Internal(format!("thread {name} panicked")))
 }
 
+/// [`Error::Connect`] for a connection cut by [`bounded`]: the broker at `addr` did not answer in
+/// time while the client or server was `doing` something after the handshake.
+pub(crate) fn unanswered(addr: String, doing: &str) -> Error {
+    Error::Connect {
+        addr,
+        source: std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the broker did not answer in time while {doing}"),
+        )),
+    }
+}
+
 /// The brokers to connect to: one URL, or the nodes of a cluster as several URLs separated by
 /// commas.
 ///
@@ -396,13 +408,9 @@ fn with_user(
         })?;
     match confirmed {
         // Cut, it may still have ended well, just too late: the connection is gone.
-        _ if cut => Err(connect_error(
-            address,
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the broker did not answer in time while confirming the client certificate's \
-                 user",
-            ),
+        _ if cut => Err(unanswered(
+            url_for_display(address),
+            "confirming the client certificate's user",
         )),
         Ok(user) => Ok(connected(connection, socket, Some(user))),
         Err(error) => {

@@ -636,13 +636,11 @@ impl Supervisor {
         // broker's answers, which amiquip does without a bound: a connect timeout more, then
         // the connection is cut.
         let set_up_by = Instant::now() + self.options.connect.connect_timeout;
-        let timed_out = || Error::Connect {
-            addr: addr.clone(),
-            source: Arc::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the broker did not answer in time while the server declared its queues and \
-                 started its workers",
-            )),
+        let timed_out = || {
+            connect::unanswered(
+                addr.clone(),
+                "the server declared its queues and started its workers",
+            )
         };
         let services = self.services.clone();
         let ((mut connection, opened), cut) =

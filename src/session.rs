@@ -522,14 +522,10 @@ impl Session {
         } = match set_up {
             // Cut, it may still have ended well, just too late: the connection is gone.
             _ if cut => {
-                return Err(Error::Connect {
+                return Err(connect::unanswered(
                     addr,
-                    source: Arc::new(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the broker did not answer in time while the client set up its channel \
-                         and reply queue",
-                    )),
-                });
+                    "the client set up its channel and reply queue",
+                ));
             }
             Ok(set_up) => set_up,
             Err(error) => {
