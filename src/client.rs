@@ -516,12 +516,10 @@ impl Batch<'_> {
             return Ok(());
         }
         let mailbox = Arc::new(Mailbox::default());
-        let now = Instant::now();
         let (ids, mut role) = session.start(
-            self.pending.iter().map(|&index| {
-                let left = self.deadlines[index].saturating_duration_since(now);
-                (index, &self.calls[index], left)
-            }),
+            self.pending
+                .iter()
+                .map(|&index| (index, &self.calls[index], self.deadlines[index])),
             &mailbox,
         )?;
         // Correlation ids by call index, in deadline order, so that the next deadline to pass

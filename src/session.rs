@@ -55,7 +55,7 @@ use crate::connect::{self, Brokers, Connected};
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
 use crate::stats::ClientCounters;
-use crate::sync::{deadline_after, lock, wait_timeout};
+use crate::sync::{lock, wait_timeout};
 use crate::wire::{self, DIRECT_REPLY_TO};
 
 /// What a waiting caller is told, by the reader or by the session.
@@ -575,7 +575,7 @@ impl Session {
         self.shared.awaited().broken.is_some()
     }
 
-    /// Registers `calls` (each with its index in the caller's batch and the time it has left)
+    /// Registers `calls` (each with its index in the caller's batch and its deadline)
     /// so that their outcomes come to `events`, publishes them, and returns their correlation
     /// ids, in order, and the caller's role: the reader when nobody else reads.
     ///
@@ -585,7 +585,7 @@ impl Session {
     /// caller holds no role.
     pub(crate) fn start<'c>(
         &self,
-        calls: impl ExactSizeIterator<Item = (usize, &'c Call, Duration)>,
+        calls: impl ExactSizeIterator<Item = (usize, &'c Call, Instant)>,
         mailbox: &Arc<Mailbox>,
     ) -> Result<(Vec<String>, Role)> {
         let role;
@@ -598,14 +598,14 @@ impl Session {
                 return Err(error.clone());
             }
             awaited.last_call = Some(Instant::now());
-            for (index, call, left) in calls {
+            for (index, call, deadline) in calls {
                 let id = Uuid::new_v4().to_string();
                 let waiter = Waiter {
                     mailbox: Arc::clone(mailbox),
                     index,
                 };
                 awaited.calls.insert(id.clone(), waiter);
-                requests.push((call, left));
+                requests.push((call, deadline));
                 ids.push(id);
             }
             role = if awaited.reading {
@@ -619,8 +619,8 @@ impl Session {
                 Role::Reader
             };
         }
-        for ((call, left), id) in requests.into_iter().zip(&ids) {
-            if let Err(error) = self.publish(call, id, left) {
+        for ((call, deadline), id) in requests.into_iter().zip(&ids) {
+            if let Err(error) = self.publish(call, id, deadline) {
                 // The idle thread's reason, when it cut a publish that was stuck.
                 let error = self.shared.break_with(error);
                 self.leave(role, &ids, mailbox);
@@ -630,10 +630,10 @@ impl Session {
         Ok((ids, role))
     }
 
-    /// Publishes a request, unless its call's deadline, `left` from now, passes before its
-    /// turn comes (see [`Publisher`]): it then stays unsent, and the call times out.
-    fn publish(&self, call: &Call, correlation_id: &str, left: Duration) -> Result<()> {
-        let deadline = deadline_after(Instant::now(), left);
+    /// Publishes a request, with the time its call has left, unless the call's `deadline` passes
+    /// before its turn comes (see [`Publisher`]): it then stays unsent, and the call times out.
+    fn publish(&self, call: &Call, correlation_id: &str, deadline: Instant) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
         let mut properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
         if let Some(user) = &self.user {
             properties = properties.with_user_id(user.clone());
