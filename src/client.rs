@@ -27,6 +27,7 @@ use num_bigint::BigUint;
 use crate::client_options::ClientOptions;
 use crate::connect::Brokers;
 use crate::error::{Error, QueueState, Result};
+use crate::headers::MAX_HEADER_DEPTH;
 use crate::message::{Call, Reply};
 use crate::session::{Event, Mailbox, QUEUE_STATE_FRESH, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
@@ -259,6 +260,7 @@ impl Client {
             started,
             counters: &self.inner.counters,
         };
+        batch.refuse_unsendable();
         let _admitted = self.admit(&mut batch);
         // What kept the pending calls from an answer so far, when retrying.
         let mut last_error: Option<Error> = None;
@@ -334,7 +336,10 @@ impl Client {
                 admitted
             }
         };
-        batch.pending.extend(0..admitted);
+        // Calls that cannot be sent have their outcome already.
+        batch
+            .pending
+            .extend((0..admitted).filter(|&index| batch.outcomes[index].is_none()));
         for index in admitted..wanted {
             batch.outcomes[index] = Some(Err(Error::Overloaded {
                 max_in_flight: self.inner.options.max_in_flight.unwrap_or(usize::MAX),
@@ -661,6 +666,20 @@ impl Batch<'_> {
                 state,
             },
         }));
+    }
+
+    /// Fails each call that no server would take, before it is sent: one whose headers nest
+    /// deeper than [`MAX_HEADER_DEPTH`].
+    fn refuse_unsendable(&mut self) {
+        for (index, call) in self.calls.iter().enumerate() {
+            let depth = call.headers.depth();
+            if depth > MAX_HEADER_DEPTH {
+                self.outcomes[index] = Some(Err(Error::InvalidRequest(format!(
+                    "the call's headers nest {depth} deep, deeper than the \
+                     {MAX_HEADER_DEPTH} that servers accept"
+                ))));
+            }
+        }
     }
 
     /// Ends every pending call whose deadline is `now` or earlier with `error`.

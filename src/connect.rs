@@ -19,6 +19,7 @@ use log::{debug, warn};
 use url::Url;
 
 use crate::error::{Error, Result};
+use crate::inbound::{CheckedStream, Transport};
 
 /// The log target under which amiquip logs the AMQP handshake at debug, including the
 /// `StartOk` frame with the PLAIN response, **password included**. A program that sets up its
@@ -501,33 +502,38 @@ fn open_address(
             password: address.password.clone(),
         }
     };
-    let amqp_options = ConnectionOptions::<Auth>::default()
-        .auth(auth)
-        .virtual_host(address.vhost.clone())
-        .heartbeat(options.heartbeat)
-        .connection_timeout(Some(options.connect_timeout))
-        .information(Some(options.connection_name.clone()));
     let socket = stream
         .try_clone()
         .map_err(|source| connect_error(address, source))?;
     let stream = mio::net::TcpStream::from_stream(stream)
         .map_err(|source| connect_error(address, source))?;
-    let tuning = ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL);
-    let connection = if let Some(connector) = connector {
-        Connection::open_tls_stream(connector, &address.host, stream, amqp_options, tuning)
-    } else {
-        Connection::insecure_open_stream(stream, amqp_options, tuning)
+    // The TLS and AMQP handshakes share one connect timeout, as they did when amiquip ran both.
+    let handshake_by = Instant::now() + options.connect_timeout;
+    let transport = match connector {
+        Some(connector) => Transport::Tls(Box::new(tls_handshake(
+            connector,
+            address,
+            stream,
+            &socket,
+            handshake_by,
+        )?)),
+        None => Transport::Plain(stream),
     };
+    let amqp_options = ConnectionOptions::<Auth>::default()
+        .auth(auth)
+        .virtual_host(address.vhost.clone())
+        .heartbeat(options.heartbeat)
+        .connection_timeout(Some(handshake_by.saturating_duration_since(Instant::now())))
+        .information(Some(options.connection_name.clone()));
+    let tuning = ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL);
+    // Everything the broker sends is checked before amiquip parses it: see `inbound.rs`.
+    let connection =
+        Connection::insecure_open_stream(CheckedStream::new(transport), amqp_options, tuning);
     let connection = connection.map_err(|error| match error {
         // A refused handshake is not a lost connection: say which broker refused it.
         amiquip::Error::InvalidCredentials => Error::Authentication {
             addr: url_for_display(address),
             user: address.username.clone(),
-        },
-        // Usually a certificate nobody trusts here (TlsOptions::ca_file), or a missing one.
-        amiquip::Error::TlsHandshake { source } => Error::Tls {
-            addr: url_for_display(address),
-            reason: explain_tls_failure(&source.to_string()),
         },
         // With TLS 1.3 a broker that wants a client certificate says so only after the
         // handshake, by closing (or resetting) the connection with an alert, which amiquip
@@ -557,6 +563,51 @@ fn open_address(
     })?;
     debug!("connected to {}", url_for_display(address));
     Ok((connection, socket))
+}
+
+/// Runs the TLS handshake on `stream` until `deadline`, so that the stream handed to amiquip
+/// is TLS already and what comes out of it can be checked ([`CheckedStream`]). `socket` is the
+/// same socket: the handshake runs with it in blocking mode, on a thread of its own, and past
+/// the deadline the socket is cut, which ends it (see [`bounded`]).
+///
+/// # Errors
+///
+/// [`Error::Tls`] when the handshake fails (usually a certificate nobody trusts here,
+/// [`TlsOptions::ca_file`], or a missing one); [`Error::Connect`] when it does not complete in
+/// time or the socket fails.
+fn tls_handshake(
+    connector: native_tls::TlsConnector,
+    address: &BrokerAddress,
+    stream: mio::net::TcpStream,
+    socket: &TcpStream,
+    deadline: Instant,
+) -> Result<native_tls::TlsStream<mio::net::TcpStream>> {
+    let failed = |source| connect_error(address, source);
+    // Blocking is a property of the socket, shared by both handles on it.
+    socket.set_nonblocking(false).map_err(failed)?;
+    let host = address.host.clone();
+    let (handshake, cut) = bounded("rpc-tls", deadline, socket, move || {
+        connector.connect(&host, stream)
+    })?;
+    match handshake {
+        _ if cut => Err(failed(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the TLS handshake did not complete in time",
+        ))),
+        Ok(tls) => {
+            socket.set_nonblocking(true).map_err(failed)?;
+            Ok(tls)
+        }
+        Err(native_tls::HandshakeError::Failure(error)) => Err(Error::Tls {
+            addr: url_for_display(address),
+            reason: explain_tls_failure(&error.to_string()),
+        }),
+        // A blocking socket would block only once it timed out, which it never does here.
+        Err(native_tls::HandshakeError::WouldBlock(_)) => Err(failed(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "the TLS handshake stopped waiting for the broker",
+        ))),
+    }
 }
 
 /// A TLS connector that trusts the system's CAs and `tls.ca_file`, and presents

@@ -8,6 +8,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// How deep header values may nest tables and lists, in requests and replies alike: a header
+/// whose value is a table nests 1 deep, one whose value is a list of tables 2 deep. A message
+/// whose headers nest deeper is refused: a server answers such a request with a `bad-request`
+/// error, a client fails such a reply's call with [`crate::Error::InvalidReply`], and a call
+/// or reply of this crate's own that nests deeper is not sent.
+///
+/// RabbitMQ's own headers nest 3 deep (`x-death`: a list of tables of lists); 32 leaves any
+/// application room while bounding every recursion over headers (amiquip parses them
+/// recursively, on its I/O thread) to a few tens of kilobytes of stack.
+pub const MAX_HEADER_DEPTH: usize = 32;
+
 /// The W3C trace context header that names the trace and the caller's span; a server copies
 /// it from a request onto the reply.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -197,6 +208,29 @@ impl Headers {
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
+
+    /// How deep the values nest tables and lists (see [`MAX_HEADER_DEPTH`]): 0 when no value
+    /// is a table or a list. Walks the values without recursion.
+    pub fn depth(&self) -> usize {
+        let is_container =
+            |value: &HeaderValue| matches!(value, HeaderValue::List(_) | HeaderValue::Table(_));
+        if !self.values.values().any(is_container) {
+            return 0;
+        }
+        let mut deepest = 0;
+        let mut pending: Vec<(&HeaderValue, usize)> =
+            self.values.values().map(|value| (value, 1)).collect();
+        while let Some((value, depth)) = pending.pop() {
+            let inside: Box<dyn Iterator<Item = &HeaderValue>> = match value {
+                HeaderValue::List(values) => Box::new(values.iter()),
+                HeaderValue::Table(table) => Box::new(table.values.values()),
+                _ => continue,
+            };
+            deepest = deepest.max(depth);
+            pending.extend(inside.map(|value| (value, depth + 1)));
+        }
+        deepest
+    }
 }
 
 impl<N: Into<String>, V: Into<HeaderValue>> FromIterator<(N, V)> for Headers {
@@ -226,6 +260,19 @@ mod tests {
         assert_eq!(list.to_string(), "[1, two]");
         let table: Headers = [("a", 1), ("b", 2)].into_iter().collect();
         assert_eq!(HeaderValue::Table(table).to_string(), "{a: 1, b: 2}");
+    }
+
+    #[test]
+    fn depth_counts_nested_tables_and_lists() {
+        let flat: Headers = [("a", 1)].into_iter().collect();
+        assert_eq!(flat.depth(), 0);
+        let table: Headers = [("t", HeaderValue::Table(flat.clone()))]
+            .into_iter()
+            .collect();
+        assert_eq!(table.depth(), 1);
+        let list = HeaderValue::List(vec![1.into(), HeaderValue::Table(table.clone())]);
+        let nested: Headers = [("l", list), ("x", "y".into())].into_iter().collect();
+        assert_eq!(nested.depth(), 3);
     }
 
     #[test]

@@ -120,6 +120,7 @@ mod endpoint;
 mod error;
 pub mod fib;
 mod headers;
+mod inbound;
 #[cfg(feature = "json")]
 pub mod json;
 mod message;
@@ -133,7 +134,7 @@ pub use client::Client;
 pub use client_options::{ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
 pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL, TlsOptions};
 pub use error::{Error, QueueState, Result};
-pub use headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+pub use headers::{HeaderValue, Headers, MAX_HEADER_DEPTH, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};
 pub use server::{
     DEFAULT_MAX_BODY, DEFAULT_REPLY_TO, Handler, QueueOptions, QueueType, Server, ServerBuilder,

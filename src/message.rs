@@ -105,6 +105,9 @@ impl Call {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Request {
     pub(crate) body: Vec<u8>,
+    /// Why the delivery's properties could not be decoded, when they could not (see
+    /// `inbound.rs`): the server answers such a request with an error, without the handler.
+    pub(crate) undecodable: Option<String>,
     pub(crate) deadline: Option<SystemTime>,
     pub(crate) headers: Headers,
     pub(crate) content_type: Option<String>,

@@ -36,6 +36,7 @@ use log::{debug, info, trace, warn};
 use crate::connect::{self, Brokers, ConnectOptions, Connected, without_password};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
+use crate::headers::MAX_HEADER_DEPTH;
 use crate::message::{HandlerError, Reply, Request};
 use crate::stats::{Health, QueueMetrics, ServerMetrics, ServerStats};
 use crate::sync::{deadline_after, lock};
@@ -1151,17 +1152,24 @@ impl Worker {
             .unwrap_or_default();
         debug!("request {:?} on '{queue}'{trace}", request.correlation_id());
         let Some(reply_to) = request.reply_to() else {
-            warn!(
-                "dropping a request without reply_to (correlation id {:?}): nobody to answer",
-                request.correlation_id()
-            );
+            match &request.undecodable {
+                Some(why) => warn!(
+                    "dropping a request on '{queue}' whose properties could not be decoded, \
+                     leaving no reply_to to answer: {why}"
+                ),
+                None => warn!(
+                    "dropping a request without reply_to (correlation id {:?}): nobody to \
+                     answer",
+                    request.correlation_id()
+                ),
+            }
             delivery.ack(&self.channel)?;
             return Ok(None);
         };
         if !reply_to_allowed(reply_to, &self.service.options.reply_to) {
             metrics.refused_reply_to.inc();
             warn!(
-                "not answering request {:?} on '{queue}'{trace}: reply_to '{reply_to}' is not a \
+                "not answering request {:?} on '{queue}'{trace}: reply_to {reply_to:?} is not a \
                  queue a client could own (QueueOptions::reply_to lists the names answered)",
                 request.correlation_id()
             );
@@ -1182,11 +1190,15 @@ impl Worker {
             .is_redelivered()
             .then(|| lock(&self.service.refused_replies).remove(&key))
             .flatten();
-        let outcome = match refused_before {
-            Some(reason) => Err(HandlerError::failed(format!(
+        let outcome = match (&request.undecodable, refused_before) {
+            // The log line of the error reply below says what happened, with what is known.
+            (Some(why), _) => Err(HandlerError::bad_request(format!(
+                "the request's properties could not be decoded: {why}"
+            ))),
+            (None, Some(reason)) => Err(HandlerError::failed(format!(
                 "the broker refused the reply to this request: {reason}"
             ))),
-            None => self.answer(&request),
+            (None, None) => self.answer(&request),
         };
         let correlation_id = request.correlation_id();
         let kind = outcome.as_ref().err().map(HandlerError::kind);
@@ -1253,6 +1265,13 @@ impl Worker {
             });
         metrics.handler_time.record(started.elapsed());
         metrics.busy.dec();
+        let depth = outcome.as_ref().map_or(0, |reply| reply.headers.depth());
+        if depth > MAX_HEADER_DEPTH {
+            return Err(HandlerError::failed(format!(
+                "the handler's reply has headers nested {depth} deep, deeper than the \
+                 {MAX_HEADER_DEPTH} that clients accept"
+            )));
+        }
         outcome
     }
 }

@@ -1000,33 +1000,19 @@ fn reply_outcome(delivery: Delivery, max_reply: usize) -> (String, Result<Reply>
         .correlation_id()
         .clone()
         .unwrap_or_default();
-    trace!("reply to {id} arrived");
+    trace!("reply to {id:?} arrived");
     let size = delivery.body.len();
     let outcome = if size > max_reply {
         Err(Error::InvalidReply(format!(
             "a reply of {size} bytes is over this client's limit of {max_reply} bytes"
         )))
     } else {
-        wire::reply_from(delivery).map_err(|(kind, message)| Error::Remote {
-            kind,
-            // A hostile or broken peer's message must not reach a terminal as escapes.
-            message: without_control_characters(&message),
-        })
+        wire::reply_from(delivery)
     };
+    if let Err(Error::InvalidReply(why)) = &outcome {
+        debug!("reply to {id:?}: {why}");
+    }
     (id, outcome)
-}
-
-/// `text` with each control character shown escaped (`\u{1b}`) instead of as itself.
-fn without_control_characters(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// A request the broker could not route: no queue by that name.

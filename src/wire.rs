@@ -16,7 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amiquip::{AmqpProperties, AmqpValue, Delivery, FieldTable};
 
+use crate::error::Error;
 use crate::headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+use crate::inbound::UNDECODABLE_HEADER;
 use crate::message::{Call, FailureKind, HandlerError, Reply, Request};
 
 /// The server queue the tutorial uses.
@@ -148,6 +150,20 @@ fn deadline_from(headers: &Headers) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
 
+/// A delivery's headers, and why its properties could not be decoded when they could not:
+/// the reason [`crate::inbound`] left in the one header it put in their place.
+fn headers_of(properties: &AmqpProperties) -> (Headers, Option<String>) {
+    let mut headers = properties
+        .headers()
+        .as_ref()
+        .map(headers_from)
+        .unwrap_or_default();
+    let undecodable = headers
+        .remove(UNDECODABLE_HEADER)
+        .map(|why| why.to_string());
+    (headers, undecodable)
+}
+
 /// The request a handler sees for a delivery from `queue`.
 pub(crate) fn request_from(
     body: Vec<u8>,
@@ -155,13 +171,10 @@ pub(crate) fn request_from(
     redelivered: bool,
     queue: &str,
 ) -> Request {
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(headers_from)
-        .unwrap_or_default();
+    let (headers, undecodable) = headers_of(&properties);
     Request {
         body,
+        undecodable,
         deadline: deadline_from(&headers),
         headers,
         content_type: properties.content_type().clone(),
@@ -224,21 +237,27 @@ pub(crate) fn error_properties(error: &HandlerError, request: &Request) -> AmqpP
     answering(request, headers)
 }
 
-/// What a reply delivery means to its caller: the reply, or the server's error, with its kind
-/// when the server says (a peer may set only the `error` header).
-pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, (Option<FailureKind>, String)> {
+/// What a reply delivery means to its caller: the reply; or the server's error
+/// ([`Error::Remote`]), with its kind when the server says (a peer may set only the `error`
+/// header); or [`Error::InvalidReply`] when its properties could not be decoded.
+pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, Error> {
     let properties = delivery.properties;
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(headers_from)
-        .unwrap_or_default();
+    let (headers, undecodable) = headers_of(&properties);
+    if let Some(why) = undecodable {
+        return Err(Error::InvalidReply(format!(
+            "the reply's properties could not be decoded: {why}"
+        )));
+    }
     if let Some(error) = headers.get(ERROR_HEADER) {
         let kind = headers
             .get_str(ERROR_KIND_HEADER)
             .and_then(FailureKind::from_wire);
-        // A peer may send a non-string error header; any rendering beats losing the error.
-        return Err((kind, error.to_string()));
+        return Err(Error::Remote {
+            kind,
+            // A peer may send a non-string error header: any rendering beats losing the
+            // error. A hostile or broken peer's message must not reach a terminal as escapes.
+            message: without_control_characters(&error.to_string()),
+        });
     }
     Ok(Reply {
         body: delivery.body,
@@ -246,6 +265,19 @@ pub(crate) fn reply_from(delivery: Delivery) -> Result<Reply, (Option<FailureKin
         content_type: properties.content_type().clone(),
         content_encoding: properties.content_encoding().clone(),
     })
+}
+
+/// `text` with each control character shown escaped (`\u{1b}`) instead of as itself.
+pub(crate) fn without_control_characters(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

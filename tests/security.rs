@@ -301,9 +301,10 @@ fn a_servers_error_message_reaches_the_caller_without_control_characters() {
     server.shutdown().unwrap();
 }
 
-/// Consumes one request of `queue` as `url`'s user, answers it first with a forged reply,
-/// puts the request back in the queue, and returns once it has.
-fn forge_one_reply(url: &str, queue: &str) {
+/// Consumes one request of `queue` as `url`'s user, has `forge` answer it first (with the
+/// request's `reply_to` and `correlation_id`), puts the request back in the queue, and
+/// returns once it has.
+fn forge_one_reply(url: &str, queue: &str, forge: impl FnOnce(&amiquip::Channel, &str, &str)) {
     let mut connection = amiquip::Connection::insecure_open(url).unwrap();
     let channel = connection.open_channel(None).unwrap();
     channel.qos(0, 1, false).unwrap();
@@ -315,33 +316,66 @@ fn forge_one_reply(url: &str, queue: &str) {
         Ok(amiquip::ConsumerMessage::Delivery(request)) => request,
         other => panic!("the rogue got no request: {other:?}"),
     };
-    let forged = amiquip::AmqpProperties::default()
-        .with_correlation_id(request.properties.correlation_id().clone().unwrap());
     let reply_to = request.properties.reply_to().clone().unwrap();
-    channel
-        .basic_publish(
-            "",
-            amiquip::Publish::with_properties(b"forged", reply_to, forged),
-        )
-        .unwrap();
+    let id = request.properties.correlation_id().clone().unwrap();
+    forge(&channel, &reply_to, &id);
     consumer.nack(request, true).unwrap();
     end_consumer(consumer);
     connection.close().unwrap();
 }
 
-#[test]
-fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the_caller() {
-    let (server_user, rogue) = (TestUser::new(), TestUser::new());
-    let queue = unique_queue("rogue");
-    let _guard = QueueGuard(queue.clone());
-    let mut connection = raw_connection();
-    declare_queue(&connection.open_channel(None).unwrap(), &queue);
-    connection.close().unwrap();
+/// A reply with the awaited correlation id, from whoever publishes it.
+fn plain_forgery(channel: &amiquip::Channel, reply_to: &str, id: &str) {
+    let forged = amiquip::AmqpProperties::default().with_correlation_id(id.to_string());
+    channel
+        .basic_publish(
+            "",
+            amiquip::Publish::with_properties(b"forged", reply_to.to_string(), forged),
+        )
+        .unwrap();
+}
 
+/// A reply that amiquip alone would read as coming from `server_user`, published by the
+/// hostile peer as the test broker's user: its `content_type` is not UTF-8 and holds the
+/// awaited correlation id and `server_user`, which amiquip read as the properties after it,
+/// while the broker verified the peer's real `user_id` further on.
+fn forgery_behind_a_short_string_that_is_not_utf8(server_user: &str, reply_to: &str, id: &str) {
+    use common::raw_amqp::{Property, RawProperties, RawPublisher, Verdict, short_string};
+    let mut inside = short_string(id.as_bytes());
+    inside.extend(short_string(server_user.as_bytes()));
+    inside.push(0xff);
+    let forged = RawProperties::new()
+        .short(Property::ContentType, &inside)
+        .raw(Property::DeliveryMode, vec![1])
+        .short(Property::CorrelationId, b"not-the-awaited-one")
+        .short(Property::UserId, broker_user().as_bytes());
+    assert_eq!(
+        RawPublisher::connect().publish(reply_to, &forged.encode(), b"forged"),
+        Verdict::Confirmed
+    );
+}
+
+/// The user of the test broker's URL.
+fn broker_user() -> String {
+    match url::Url::parse(&require_broker()).unwrap().username() {
+        "" => "guest".to_string(),
+        name => name.to_string(),
+    }
+}
+
+/// Declares `queue`, and makes a call to it from a client that accepts replies only from
+/// `server_user`; the call waits on its thread.
+fn call_waiting_for(
+    queue: &str,
+    server_user: &TestUser,
+) -> (Client, std::thread::JoinHandle<amqp_rpc::Result<Vec<u8>>>) {
+    let mut connection = raw_connection();
+    declare_queue(&connection.open_channel(None).unwrap(), queue);
+    connection.close().unwrap();
     let client = Client::with_options(
         &require_broker(),
         ClientOptions {
-            queue: queue.clone(),
+            queue: queue.to_string(),
             server_user: Some(server_user.name.clone()),
             timeout: Duration::from_secs(20),
             no_server_grace: Duration::ZERO,
@@ -353,7 +387,16 @@ fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the
         let client = client.clone();
         std::thread::spawn(move || client.call(b"10"))
     };
-    forge_one_reply(&rogue.url(), &queue);
+    (client, call)
+}
+
+#[test]
+fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the_caller() {
+    let (server_user, rogue) = (TestUser::new(), TestUser::new());
+    let queue = unique_queue("rogue");
+    let _guard = QueueGuard(queue.clone());
+    let (client, call) = call_waiting_for(&queue, &server_user);
+    forge_one_reply(&rogue.url(), &queue, plain_forgery);
 
     let callers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::clone(&callers);
@@ -376,16 +419,37 @@ fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the
         "the real answer, not the forgery"
     );
     assert_eq!(client.stats().rejected_replies, 1);
-    let guest = url::Url::parse(&require_broker()).unwrap();
-    let caller = match guest.username() {
-        "" => "guest".to_string(),
-        name => name.to_string(),
-    };
     assert_eq!(
         *callers.lock().unwrap(),
-        [Some(caller)],
+        [Some(broker_user())],
         "the verified caller"
     );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_rogue_cannot_pass_for_the_servers_user_behind_a_short_string_that_is_not_utf8() {
+    let server_user = TestUser::new();
+    let queue = unique_queue("rogue-utf8");
+    let _guard = QueueGuard(queue.clone());
+    let (client, call) = call_waiting_for(&queue, &server_user);
+    forge_one_reply(&require_broker(), &queue, |_, reply_to, id| {
+        forgery_behind_a_short_string_that_is_not_utf8(&server_user.name, reply_to, id);
+    });
+    let server = Server::builder(&server_user.url())
+        .serve(
+            &queue,
+            QueueOptions::with_workers(1),
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .unwrap();
+    assert_eq!(
+        call.join().unwrap().unwrap(),
+        b"55",
+        "the real answer, not the forgery"
+    );
+    assert_eq!(client.stats().rejected_replies, 1);
     server.shutdown().unwrap();
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 pub mod logs;
 pub mod process;
 pub mod proxy;
+pub mod raw_amqp;
 
 use amiquip::{
     AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Publish,
@@ -327,23 +328,9 @@ pub fn pika_peer(python: &str, script: &str, queue: &str) -> std::process::Comma
 pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
     let mut connection = raw_connection();
     let channel = connection.open_channel(None).unwrap();
-    let reply_queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-        )
-        .unwrap();
-    let consumer = reply_queue
-        .consume(ConsumerOptions {
-            no_ack: true,
-            ..ConsumerOptions::default()
-        })
-        .unwrap();
+    let (reply_queue, consumer) = consume_reply_queue(&channel);
     let properties = AmqpProperties::default()
-        .with_reply_to(reply_queue.name().to_string())
+        .with_reply_to(reply_queue)
         .with_correlation_id("raw".to_string());
     channel
         .basic_publish(
@@ -358,6 +345,27 @@ pub fn raw_reply(queue: &str, body: &[u8]) -> amiquip::Delivery {
     end_consumer(consumer);
     connection.close().unwrap();
     reply
+}
+
+/// Declares a server-named, exclusive queue on `channel` and consumes it without acks, as a
+/// tutorial client does its reply queue: the queue's name, and the consumer.
+pub fn consume_reply_queue(channel: &Channel) -> (String, amiquip::Consumer<'_>) {
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    let consumer = queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..ConsumerOptions::default()
+        })
+        .unwrap();
+    (queue.name().to_string(), consumer)
 }
 
 /// Ends `consumer` the safe way (docs/amiquip.md): cancels it, reads a clone of its receiver
