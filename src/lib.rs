@@ -116,6 +116,7 @@ mod client;
 mod client_options;
 mod connect;
 mod consumer;
+mod deliveries;
 mod endpoint;
 mod error;
 pub mod fib;

@@ -34,9 +34,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select, unb
 use log::{debug, info, trace, warn};
 
 use crate::connect::{self, Brokers, ConnectOptions, Connected, without_password};
+use crate::deliveries::{self, DeliveryCounter};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::headers::MAX_HEADER_DEPTH;
+use crate::headers::{HeaderValue, MAX_HEADER_DEPTH};
 use crate::message::{HandlerError, Reply, Request};
 use crate::stats::{Health, QueueMetrics, ServerMetrics, ServerStats};
 use crate::sync::{deadline_after, lock};
@@ -118,10 +119,31 @@ pub struct QueueOptions {
     pub prefetch: u16,
     /// The kind of queue to declare. Default: [`QueueType::Classic`], as the tutorial.
     pub queue_type: QueueType,
-    /// For a quorum queue: how many times a request may be redelivered (after its server died
-    /// or its channel closed without an ack) before the broker drops it, or dead-letters it
-    /// when [`QueueOptions::dead_letter_exchange`] is set. Stops a request that kills every
-    /// server that takes it from looping forever. Default: `Some(5)`; `None` for no limit.
+    /// How many times a request may be delivered without being answered (its server died or
+    /// stopped while handling it, or its channel closed before the ack) before it is answered
+    /// with a `handler-failed` error ("delivered N times without being answered") and acked,
+    /// instead of running again. Stops a request that kills every server that takes it (an
+    /// abort in native code, running out of memory, a SIGKILL in the middle) from looping
+    /// forever, on both queue types:
+    ///
+    /// - on a quorum queue the broker counts (`x-delivery-count`), and drops a request
+    ///   returned more times than this (or dead-letters it with
+    ///   [`QueueOptions::dead_letter_exchange`]): a server answers it at the last delivery
+    ///   before that, so that its caller hears. The broker counts every return, and when a
+    ///   server dies, the request it held may pass through its other, idle workers' channels
+    ///   in the moment before they close, each counting (a server of two workers killed once
+    ///   counted 2): one death can count up to a server's worker count, so give a quorum queue
+    ///   a limit above that;
+    /// - on a classic queue, which counts nothing, the servers count a redelivered request's
+    ///   deliveries in a small queue of its own (`amqp-rpc.deliveries.<uuid>`, deleted once
+    ///   it is answered, or after an hour unused), before its handler runs: the request stays
+    ///   in its queue, untouched, until answered. Requests delivered once pay nothing. The
+    ///   server's user needs the configure permission on those queues (see the README's
+    ///   least-privilege table); when the broker refuses one, the request is answered with
+    ///   the broker's reason.
+    ///
+    /// A delivery put back without running (racing a shutdown) counts as one that died.
+    /// Default: `Some(5)`; `None` for no limit.
     pub delivery_limit: Option<u32>,
     /// For a quorum queue: the exchange that receives requests dropped by the delivery limit
     /// (and expired ones), with [`QueueOptions::dead_letter_routing_key`]. Default: `None`,
@@ -240,12 +262,20 @@ struct Service {
     queue: String,
     options: QueueOptions,
     handler: Arc<dyn Handler>,
-    /// Requests whose reply the broker refused (closing the worker's channel), by
-    /// [`reply_key`], with the broker's reason. When such a request comes back (it was never
-    /// acked), it is answered with an error reply instead of running it again, so that it
-    /// cannot loop.
-    refused_replies: Mutex<HashMap<String, String>>,
+    /// Requests for which the broker refused something, closing the worker's channel (their
+    /// reply, or counting their deliveries), by [`reply_key`], with the message to answer
+    /// them with. When such a request comes back (it was never acked), it is answered with
+    /// that error instead of running it again, so that it cannot loop.
+    refused: Mutex<HashMap<String, String>>,
     metrics: QueueMetrics,
+}
+
+impl Service {
+    /// Remembers that the broker refused something for the request `key`, which is answered
+    /// with `message` when it comes back.
+    fn refused(&self, key: String, message: String) {
+        lock(&self.refused).insert(key, message);
+    }
 }
 
 /// Collects the queues of a [`Server`] before starting it; made by [`Server::builder`].
@@ -312,7 +342,7 @@ impl ServerBuilder {
             queue,
             options,
             handler: Arc::new(handler),
-            refused_replies: Mutex::default(),
+            refused: Mutex::default(),
         });
         self
     }
@@ -743,10 +773,8 @@ impl Supervisor {
                         service.queue,
                         error.chain()
                     );
-                    let replaced = connection
-                        .open_channel(None)
-                        .map_err(Error::from)
-                        .and_then(|channel| pool.spawn(service, channel));
+                    let replaced = WorkerChannels::open(connection, &service)
+                        .and_then(|channels| pool.spawn(service, channels));
                     if let Err(error) = replaced {
                         return Some(error);
                     }
@@ -866,11 +894,12 @@ impl Pool {
     }
 
     /// Starts a worker of `service` on `channel`.
-    fn spawn(&mut self, service: Arc<Service>, channel: Channel) -> Result<()> {
+    fn spawn(&mut self, service: Arc<Service>, channels: WorkerChannels) -> Result<()> {
         let number = self.handles.len();
         let worker = Worker {
             number,
-            channel,
+            channel: channels.channel,
+            counter: channels.counter,
             service: Arc::clone(&service),
             stop: self.stop.clone(),
             user: self.user.clone(),
@@ -947,17 +976,39 @@ fn is_stopped(stop: &Receiver<Stop>) -> bool {
 fn open_worker_channels(
     connection: &mut Connection,
     services: &[Arc<Service>],
-) -> Result<Vec<(Arc<Service>, Channel)>> {
+) -> Result<Vec<(Arc<Service>, WorkerChannels)>> {
     for service in services {
         declare_queue(connection, service)?;
     }
     let mut channels = Vec::new();
     for service in services {
         for _ in 0..service.options.workers {
-            channels.push((Arc::clone(service), connection.open_channel(None)?));
+            channels.push((
+                Arc::clone(service),
+                WorkerChannels::open(connection, service)?,
+            ));
         }
     }
     Ok(channels)
+}
+
+/// The channels of one worker: the one it serves on, and for a classic queue with a delivery
+/// limit, the one it counts deliveries on (see `deliveries.rs`).
+struct WorkerChannels {
+    channel: Channel,
+    counter: Option<DeliveryCounter>,
+}
+
+impl WorkerChannels {
+    fn open(connection: &mut Connection, service: &Service) -> Result<WorkerChannels> {
+        let channel = connection.open_channel(None)?;
+        let counts = service.options.queue_type == QueueType::Classic
+            && service.options.delivery_limit.is_some();
+        let counter = counts
+            .then(|| DeliveryCounter::open(connection))
+            .transpose()?;
+        Ok(WorkerChannels { channel, counter })
+    }
 }
 
 fn declare_queue(connection: &mut Connection, service: &Service) -> Result<()> {
@@ -1026,6 +1077,9 @@ struct Worker {
     /// Its number in the pool, which its thread's name shows.
     number: usize,
     channel: Channel,
+    /// Where it counts the deliveries of requests that come back, for a classic queue with a
+    /// delivery limit.
+    counter: Option<DeliveryCounter>,
     service: Arc<Service>,
     stop: Receiver<Stop>,
     /// The connection's user, which replies carry as `user_id` for the broker to verify, when
@@ -1100,7 +1154,7 @@ impl Worker {
                     let error = Error::from_amqp(error);
                     if let (Error::Refused { text, .. }, Some(key)) = (&error, last_answered.take())
                     {
-                        lock(&self.service.refused_replies).insert(key, text.clone());
+                        self.service.refused(key, refused_reply(text));
                     }
                     break Some(error);
                 }
@@ -1188,17 +1242,18 @@ impl Worker {
         let key = reply_key(&request);
         let refused_before = request
             .is_redelivered()
-            .then(|| lock(&self.service.refused_replies).remove(&key))
+            .then(|| lock(&self.service.refused).remove(&key))
             .flatten();
-        let outcome = match (&request.undecodable, refused_before) {
+        let (outcome, counted) = match (&request.undecodable, refused_before) {
             // The log line of the error reply below says what happened, with what is known.
-            (Some(why), _) => Err(HandlerError::bad_request(format!(
-                "the request's properties could not be decoded: {why}"
-            ))),
-            (None, Some(reason)) => Err(HandlerError::failed(format!(
-                "the broker refused the reply to this request: {reason}"
-            ))),
-            (None, None) => self.answer(&request),
+            (Some(why), _) => (
+                Err(HandlerError::bad_request(format!(
+                    "the request's properties could not be decoded: {why}"
+                ))),
+                None,
+            ),
+            (None, Some(message)) => (Err(HandlerError::failed(message)), None),
+            (None, None) => self.answer_within_delivery_limit(&request, &key)?,
         };
         let correlation_id = request.correlation_id();
         let kind = outcome.as_ref().err().map(HandlerError::kind);
@@ -1235,12 +1290,71 @@ impl Worker {
             .and_then(|()| delivery.ack(&self.channel))
             .map_err(Error::from);
         if let Err(Error::Refused { text, .. }) = &sent {
-            lock(&self.service.refused_replies).insert(key.clone(), text.clone());
+            self.service.refused(key.clone(), refused_reply(text));
         }
         sent?;
         metrics.count_reply(kind);
         trace!("replied to {correlation_id:?}");
+        if let (Some(counter), Some(counted)) = (&self.counter, counted) {
+            // Answered: its count is done with. The queue would expire anyway.
+            counter.forget(&counted)?;
+        }
         Ok(Some(key))
+    }
+
+    /// The handler's answer to `request`, unless the request has been delivered as many
+    /// times as [`QueueOptions::delivery_limit`] allows without being answered: then a
+    /// `handler-failed` error, without running the handler. With the queue of a classic
+    /// queue's count, when it was counted there.
+    ///
+    /// # Errors
+    ///
+    /// When counting fails: the broker refused it (then the request is answered with the
+    /// reason when it comes back), or the connection is gone.
+    fn answer_within_delivery_limit(
+        &self,
+        request: &Request,
+        key: &str,
+    ) -> Result<(std::result::Result<Reply, HandlerError>, Option<String>)> {
+        let Some(limit) = self.service.options.delivery_limit else {
+            return Ok((self.answer(request), None));
+        };
+        let (before, counted) = match (self.service.options.queue_type, &self.counter) {
+            (QueueType::Quorum, _) => (quorum_deliveries_before(request), None),
+            // First delivered: nothing to count, nothing to pay.
+            (QueueType::Classic, _) if !request.is_redelivered() => (0, None),
+            (QueueType::Classic, None) => return Ok((self.answer(request), None)),
+            (QueueType::Classic, Some(counter)) => {
+                let name = deliveries::counter_name(&self.service.queue, key);
+                match counter.count(&name) {
+                    // This delivery is counted too; every delivery before a redelivery is
+                    // counted, but the first, which is not redelivered.
+                    Ok(deliveries) => (deliveries, Some(name)),
+                    Err(error) => {
+                        if let Error::Refused { text, .. } = &error {
+                            self.service.refused(
+                                key.to_string(),
+                                format!(
+                                    "the broker refused to count the deliveries of this \
+                                     request, which its queue's delivery limit needs: {text}"
+                                ),
+                            );
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        if before < limit {
+            return Ok((self.answer(request), counted));
+        }
+        self.service.metrics.over_delivery_limit.inc();
+        let refusal = HandlerError::failed(format!(
+            "this request was delivered {before} times without being answered (its servers \
+             stopped or died while handling it), as many as its queue's delivery limit \
+             allows: it is not run again"
+        ));
+        Ok((Err(refusal), counted))
     }
 
     /// The handler's answer, unless the body is over the queue's limit; a panic becomes a
@@ -1276,8 +1390,25 @@ impl Worker {
     }
 }
 
-/// What identifies a request across redeliveries, for [`Service::refused_replies`]: where its
-/// reply goes, and its correlation id.
+/// The message of a request whose reply the broker refused, for when it comes back.
+fn refused_reply(text: &str) -> String {
+    format!("the broker refused the reply to this request: {text}")
+}
+
+/// How many times the broker delivered a request of a quorum queue before, unanswered: its
+/// `x-delivery-count` header, which the broker sets when it delivers a request again.
+fn quorum_deliveries_before(request: &Request) -> u32 {
+    request
+        .header(DELIVERY_COUNT_HEADER)
+        .and_then(HeaderValue::as_int)
+        .map_or(0, |count| u32::try_from(count).unwrap_or(u32::MAX))
+}
+
+/// The header in which a quorum queue counts a message's earlier deliveries.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// What identifies a request across redeliveries, for [`Service::refused`] and
+/// [`deliveries::counter_name`]: where its reply goes, and its correlation id.
 fn reply_key(request: &Request) -> String {
     format!(
         "{}\n{}",

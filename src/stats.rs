@@ -353,6 +353,9 @@ pub struct QueueStats {
     /// Requests acked without running the handler, their `reply_to` not being one the server
     /// answers ([`crate::QueueOptions::reply_to`]).
     pub refused_reply_to: u64,
+    /// Requests answered with an error without running the handler, having been delivered
+    /// as many times as [`crate::QueueOptions::delivery_limit`] allows without an answer.
+    pub over_delivery_limit: u64,
     /// Workers running a handler at this moment.
     pub workers_busy: i64,
 }
@@ -410,6 +413,7 @@ pub(crate) struct QueueMetrics {
     pub(crate) redeliveries: IntCounter,
     pub(crate) skipped_past_deadline: IntCounter,
     pub(crate) refused_reply_to: IntCounter,
+    pub(crate) over_delivery_limit: IntCounter,
     pub(crate) busy: IntGauge,
 }
 
@@ -534,6 +538,7 @@ impl ServerMetrics {
             redeliveries: self.redeliveries.with_label_values(&[queue]),
             skipped_past_deadline: self.skipped.with_label_values(&[queue, "deadline"]),
             refused_reply_to: self.skipped.with_label_values(&[queue, "reply-to"]),
+            over_delivery_limit: self.skipped.with_label_values(&[queue, "delivery-limit"]),
             busy: self.busy.with_label_values(&[queue]),
         }
     }
@@ -578,6 +583,7 @@ impl QueueMetrics {
             redeliveries: self.redeliveries.get(),
             skipped_past_deadline: self.skipped_past_deadline.get(),
             refused_reply_to: self.refused_reply_to.get(),
+            over_delivery_limit: self.over_delivery_limit.get(),
             workers_busy: self.busy.get(),
         }
     }

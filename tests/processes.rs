@@ -181,6 +181,112 @@ fn a_request_whose_server_is_killed_is_answered_by_another() {
     assert_eq!(answer, expected.join().unwrap());
 }
 
+/// A server binary of `queue` with one worker and `extra` flags, logging at debug (its
+/// handler's " [.] fib(n)" lines) to the file whose path comes back.
+///
+/// One worker: when a server dies, a quorum queue may hand the request it held to the
+/// server's other workers in the moment before their channels close too, and counts each
+/// (`x-delivery-count` went from none to 2 when a server of two workers was killed).
+fn start_debug_logging_server(queue: &str, extra: &[&str]) -> (Running, PathBuf) {
+    let log_path = std::env::temp_dir().join(format!("{queue}-{}.log", uuid::Uuid::new_v4()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+    command
+        .args(["--url", &common::require_broker(), "--queue", queue])
+        .args(["--workers", "1"])
+        .args(extra)
+        .env("RUST_LOG", "server=debug,amqp_rpc=info")
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    (spawn_until_ready(command, READY), log_path)
+}
+
+/// True once the server logging to `log_path` has begun computing fib(`n`).
+fn began_computing(log_path: &std::path::Path, n: u64) -> bool {
+    let line = format!(" [.] fib({n})");
+    std::fs::read_to_string(log_path).is_ok_and(|log| log.contains(&line))
+}
+
+/// A request whose handling kills its server (here, SIGKILL while it computes) twice, on a
+/// queue with `--delivery-limit 2`: the third server answers it with an error instead of
+/// running it, and serves the next call as usual.
+fn a_request_that_killed_its_servers_is_refused_at_the_delivery_limit(queue_type: &str) {
+    // Minutes of work for a debug build: the servers are surely computing when killed.
+    const DEADLY_N: u64 = 1_000_000_000;
+    let queue = unique_queue(&format!("delivery-limit-{queue_type}"));
+    let _guard = QueueGuard(queue.clone());
+    let flags = [
+        "--delivery-limit",
+        "2",
+        "--queue-type",
+        queue_type,
+        "--max-n",
+        "2000000000",
+    ];
+    // Between a kill and the next server, nobody consumes: the caller waits it out.
+    let client = amqp_rpc::Client::with_options(
+        &common::require_broker(),
+        amqp_rpc::ClientOptions {
+            queue: queue.clone(),
+            timeout: Duration::from_secs(120),
+            no_server_grace: Duration::ZERO,
+            ..amqp_rpc::ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let mut logs = Vec::new();
+    let (mut first, log) = start_debug_logging_server(&queue, &flags);
+    logs.push(log);
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.fib(DEADLY_N))
+    };
+    for killed in 1..=2 {
+        let log = logs.last().unwrap().clone();
+        wait_until(&format!("server {killed} runs the request"), || {
+            began_computing(&log, DEADLY_N)
+        });
+        send_signal(&first.0, "KILL");
+        first.0.wait().unwrap();
+        let (next, log) = start_debug_logging_server(&queue, &flags);
+        first = next;
+        logs.push(log);
+    }
+    let error = caller
+        .join()
+        .unwrap()
+        .expect_err("refused, not run a third time");
+    assert_eq!(
+        error.remote_kind(),
+        Some(amqp_rpc::FailureKind::HandlerFailed),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("delivered 2 times without being answered"),
+        "{error}"
+    );
+    assert!(
+        !began_computing(logs.last().unwrap(), DEADLY_N),
+        "the third server did not run it"
+    );
+    assert_eq!(client.fib(10).unwrap().to_string(), "55", "and serves on");
+    send_signal(&first.0, "TERM");
+    assert!(first.0.wait().unwrap().success());
+    for log in logs {
+        let _ = std::fs::remove_file(log);
+    }
+}
+
+#[test]
+fn a_request_that_killed_its_servers_is_refused_at_the_delivery_limit_on_a_classic_queue() {
+    a_request_that_killed_its_servers_is_refused_at_the_delivery_limit("classic");
+}
+
+#[test]
+fn a_request_that_killed_its_servers_is_refused_at_the_delivery_limit_on_a_quorum_queue() {
+    a_request_that_killed_its_servers_is_refused_at_the_delivery_limit("quorum");
+}
+
 #[test]
 fn soak_servers_killed_terminated_and_started_under_load_lose_and_mix_up_nothing() {
     const CALLERS: u64 = 4;

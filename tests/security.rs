@@ -459,7 +459,7 @@ fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_ref
     let _guard = QueueGuard(queue.clone());
     let escaped = queue.replace('-', "\\-");
     let server_user = TestUser::with_permissions(
-        &format!("^{escaped}$"),
+        &format!("^({escaped}|amqp-rpc\\.deliveries\\..*)$"),
         "^amq\\.default$",
         &format!("^{escaped}$"),
     );
@@ -525,6 +525,124 @@ fn servers_and_clients_work_under_least_privilege_and_what_is_not_granted_is_ref
         .call_with_timeout(b"12", Duration::from_secs(10))
         .unwrap_err();
     assert!(error.is_no_server(), "{error:?}");
+}
+
+/// Takes the first request of `queue` as the test broker's user, stops consuming, and puts it
+/// back, so that the server that takes it next sees it redelivered; returns the name of the
+/// queue in which the servers of a classic queue count its deliveries.
+fn put_one_request_back(queue: &str, started: impl FnOnce(&str)) -> String {
+    let mut connection = raw_connection();
+    let channel = connection.open_channel(None).unwrap();
+    channel.qos(0, 1, false).unwrap();
+    let consumer = channel
+        .basic_consume(queue, amiquip::ConsumerOptions::default())
+        .unwrap();
+    let request = match consumer.receiver().recv_timeout(Duration::from_secs(10)) {
+        Ok(amiquip::ConsumerMessage::Delivery(request)) => request,
+        other => panic!("no request: {other:?}"),
+    };
+    end_consumer(consumer);
+    // The name a count takes: a uuid (v5) of the queue, reply_to and correlation_id.
+    let key = format!(
+        "amqp-rpc deliveries\n{queue}\n{}\n{}",
+        request.properties.reply_to().clone().unwrap(),
+        request.properties.correlation_id().clone().unwrap()
+    );
+    let counter = format!(
+        "amqp-rpc.deliveries.{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes())
+    );
+    started(&counter);
+    request.nack(&channel, true).unwrap();
+    connection.close().unwrap();
+    counter
+}
+
+fn queue_exists(name: &str) -> bool {
+    rabbitmqctl(&["list_queues", "name", "--no-table-headers", "-q"])
+        .lines()
+        .any(|line| line.trim() == name)
+}
+
+/// A server under `configure`, serving a classic queue whose first request was put back once:
+/// what its caller gets, the name of the request's count, and whether the count's queue
+/// existed while the handler ran.
+fn redelivered_request_under(configure: &str) -> (amqp_rpc::Result<Vec<u8>>, String, bool) {
+    let queue = unique_queue("counted");
+    let _guard = QueueGuard(queue.clone());
+    let escaped = queue.replace('-', "\\-");
+    let server_user = TestUser::with_permissions(
+        &configure.replace("QUEUE", &escaped),
+        "^amq\\.default$",
+        &format!("^{escaped}$"),
+    );
+    let mut connection = raw_connection();
+    declare_queue(&connection.open_channel(None).unwrap(), &queue);
+    connection.close().unwrap();
+    let client = Client::with_options(
+        &require_broker(),
+        ClientOptions {
+            queue: queue.clone(),
+            timeout: Duration::from_secs(20),
+            no_server_grace: Duration::ZERO,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let call = {
+        let client = client.clone();
+        std::thread::spawn(move || client.call(b"10"))
+    };
+    let mut server = None;
+    let counted_while_running = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let seen = std::sync::Arc::clone(&counted_while_running);
+    let counter = put_one_request_back(&queue, |counter| {
+        let counter = counter.to_string();
+        let handler = move |request: &Request| {
+            if request.body() == b"10" {
+                *seen.lock().unwrap() = queue_exists(&counter);
+            }
+            fib::serve(request, 1000)
+        };
+        server = Some(
+            Server::builder(&server_user.url())
+                .serve(&queue, QueueOptions::with_workers(1), handler)
+                .start()
+                .unwrap(),
+        );
+    });
+    let outcome = call.join().unwrap();
+    // The server answers on: the next call too.
+    assert_eq!(client.call(b"11").unwrap(), b"89");
+    server.unwrap().shutdown().unwrap();
+    let counted = *counted_while_running.lock().unwrap();
+    (outcome, counter, counted)
+}
+
+#[test]
+fn under_least_privilege_a_redelivered_request_is_counted_then_its_count_deleted() {
+    let (outcome, counter, counted) =
+        redelivered_request_under("^(QUEUE|amqp-rpc\\.deliveries\\..*)$");
+    assert_eq!(outcome.unwrap(), b"55");
+    assert!(counted, "the handler ran once the delivery was counted");
+    common::wait_until("the count's queue is deleted", || !queue_exists(&counter));
+}
+
+#[test]
+fn without_the_grant_to_count_a_redelivered_request_is_answered_with_the_brokers_reason() {
+    let (outcome, counter, _) = redelivered_request_under("^QUEUE$");
+    let error = outcome.unwrap_err();
+    assert_eq!(
+        error.remote_kind(),
+        Some(amqp_rpc::FailureKind::HandlerFailed),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("refused to count") && message.contains("ACCESS_REFUSED"),
+        "{message}"
+    );
+    assert!(!queue_exists(&counter));
 }
 
 #[test]

@@ -32,8 +32,9 @@ struct Args {
     #[arg(long, env = "RPC_QUEUE_TYPE", value_enum, default_value_t = QueueKind::Classic)]
     queue_type: QueueKind,
 
-    /// Quorum queues: redeliveries after which a request that keeps killing servers is
-    /// dropped (or dead-lettered); 0 for no limit.
+    /// Deliveries without an answer (its servers died handling it) after which a request is
+    /// answered with an error instead of running again, on classic and quorum queues; 0 for no
+    /// limit.
     #[arg(long, env = "RPC_DELIVERY_LIMIT", default_value_t = 5)]
     delivery_limit: u32,
 
