@@ -283,3 +283,80 @@ fn the_server_binary_logs_the_trace_id_and_serves_metrics_when_asked() {
         "the request's debug line carries the trace id:\n{log}"
     );
 }
+
+/// The threads of process `pid`, as Linux counts them.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("a Threads line")
+}
+
+#[test]
+fn connections_held_half_open_cost_the_endpoint_no_thread_and_block_no_scraper() {
+    use std::io::{Read, Write};
+    const HELD: usize = 1000;
+    let queue = unique_queue("held-open");
+    let _guard = QueueGuard(queue.clone());
+    let mut command = our_server(&queue);
+    command.args(["--metrics-addr", "127.0.0.1:0"]);
+    let (server, printed) = common::process::spawn_and_read_until(command, "Awaiting RPC requests");
+    let address: SocketAddr = printed
+        .iter()
+        .find_map(|line| line.split("http://").nth(1)?.strip_suffix("/metrics"))
+        .expect("the server prints where its metrics are")
+        .parse()
+        .unwrap();
+    let pid = server.0.id();
+    let threads = threads_of(pid);
+
+    // Strangers, each having sent half a request.
+    let held: Vec<std::net::TcpStream> = (0..HELD)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream.write_all(b"GET /metr").unwrap();
+            stream
+        })
+        .collect();
+    // Connections are taken in order: answering this one, the server has taken them all.
+    let (status, body) = http_get(address, "/health").expect("/health answers");
+    assert_eq!((status, body.as_str()), (200, "serving\n"));
+    let (status, metrics) = http_get(address, "/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("amqp_rpc_server_up 1"), "{metrics}");
+    assert!(
+        threads_of(pid) <= threads,
+        "{} threads with {HELD} connections held, {threads} before",
+        threads_of(pid)
+    );
+    let client = common::client_for(&queue, Duration::from_secs(10));
+    assert_eq!(
+        client.fib(10).unwrap().to_string(),
+        "55",
+        "calls are answered"
+    );
+    drop(held);
+
+    // A connection that sends nothing is closed once its time is up.
+    let mut silent = std::net::TcpStream::connect(address).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = silent.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "closed, not timed out on our side: {read:?}"
+    );
+    assert!(
+        opened.elapsed() >= Duration::from_secs(4),
+        "closed for its silence, after the server's 5 s: {:?}",
+        opened.elapsed()
+    );
+}

@@ -16,7 +16,13 @@ impl Drop for Running {
 }
 
 /// Starts `command` and waits until it prints `ready_line` on stdout.
-pub fn spawn_until_ready(mut command: Command, ready_line: &str) -> Running {
+pub fn spawn_until_ready(command: Command, ready_line: &str) -> Running {
+    spawn_and_read_until(command, ready_line).0
+}
+
+/// Starts `command`, waits until it prints `ready_line` on stdout, and returns the lines it
+/// printed before.
+pub fn spawn_and_read_until(mut command: Command, ready_line: &str) -> (Running, Vec<String>) {
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
@@ -24,14 +30,15 @@ pub fn spawn_until_ready(mut command: Command, ready_line: &str) -> Running {
     let stdout = child.stdout.take().unwrap();
     let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();
+    let mut before = Vec::new();
     loop {
         match lines.next() {
             Some(Ok(line)) if line.contains(ready_line) => break,
-            Some(Ok(_)) => continue,
+            Some(Ok(line)) => before.push(line),
             _ => panic!("the process ended before printing {ready_line:?}"),
         }
     }
-    running
+    (running, before)
 }
 
 /// The stdout and stderr of a finished process, as text.
