@@ -423,10 +423,13 @@ impl Client {
     /// Asks the server for fib(`n`), with the tutorial's wire format: `n` in decimal out, the
     /// result in decimal back.
     ///
+    /// fib(n) has about n / 4.8 digits: past n ≈ 20,000,000 its reply is over the default
+    /// [`ClientOptions::max_reply`]; size that with [`crate::fib::reply_size`].
+    ///
     /// # Errors
     ///
     /// Those of [`Client::call`], and [`Error::InvalidReply`] when the reply is not a decimal
-    /// number.
+    /// number or is over [`ClientOptions::max_reply`].
     pub fn fib(&self, n: u64) -> Result<BigUint> {
         let reply = self.call(n.to_string().as_bytes())?;
         BigUint::parse_bytes(&reply, 10).ok_or_else(|| {

@@ -40,6 +40,16 @@ fn fib_pair(n: u64) -> (BigUint, BigUint) {
     (a, b)
 }
 
+/// At least the number of decimal digits of fib(`n`), and at most two more: the size in bytes
+/// of the tutorial's reply for `n`. fib(n) is below φⁿ, which has ⌊n log₁₀ φ⌋ + 1 digits. A
+/// client that asks for large numbers sizes [`crate::ClientOptions::max_reply`] with it: the
+/// default 4 MiB holds fib(n) up to n ≈ 20,000,000.
+pub fn reply_size(n: u64) -> usize {
+    const LOG10_PHI: f64 = 0.208_987_640_249_978_73;
+    // One more for the rounding of a product of about 10^19 in 53 bits.
+    (n as f64 * LOG10_PHI) as usize + 2
+}
+
 /// Parses a request body as the tutorial's wire format: a non-negative decimal integer.
 ///
 /// Surrounding ASCII whitespace is ignored, so `" 30\n"` is 30, as Python's `int()` would read
@@ -119,6 +129,18 @@ mod tests {
 
     fn fib_text(n: u64) -> String {
         fib(n).to_string()
+    }
+
+    #[test]
+    fn reply_size_holds_every_reply_within_two_bytes() {
+        for n in [0, 1, 2, 10, 93, 94, 1000, 4783, 4784, 100_000] {
+            let digits = fib_text(n).len();
+            let size = reply_size(n);
+            assert!(
+                digits <= size && size <= digits + 2,
+                "n={n}: {digits} digits, {size}"
+            );
+        }
     }
 
     #[test]

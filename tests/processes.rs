@@ -359,3 +359,50 @@ fn binets_formula_counts_the_digits_of_fibonacci_numbers() {
         assert_eq!(digits_of_fib(n), fib::fib(n).to_string().len(), "fib({n})");
     }
 }
+
+#[test]
+fn the_client_binary_takes_a_fibonacci_reply_of_any_size_the_server_sends() {
+    // fib(1000) has 209 digits: over a 100-byte limit, which a Fibonacci call raises to fit,
+    // as it raises the default 4 MiB for fib(30,000,000)'s 6 MB.
+    let queue = unique_queue("reply-size");
+    let _guard = QueueGuard(queue.clone());
+    let _server = start_server_process(&queue, &[]);
+    let output = our_client(&queue, &["--max-reply", "100", "1000"]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains(&fib::fib(1000).to_string()), "{stdout}");
+    let output = our_client(&queue, &["--max-reply", "100", "--body", "1000"]);
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("a reply of 209 bytes is over this client's limit of 100 bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_client_binary_ends_within_its_timeout_when_its_connect_hangs() {
+    // A listener that takes connections and never speaks AMQP.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let _held = thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_client"))
+        .args(["--url", &format!("amqp://guest:guest@{address}/%2f")])
+        .args(["--timeout", "2", "10"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let (_, stderr) = text(&output);
+    assert!(!output.status.success());
+    assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "took {took:?} for a 2 s timeout (the connect timeout is 5 s)"
+    );
+}

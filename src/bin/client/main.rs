@@ -21,9 +21,14 @@ struct Args {
     #[command(flatten)]
     broker: common::BrokerArgs,
 
-    /// Seconds to wait for a reply before giving up.
+    /// Seconds to wait for a reply before giving up; connecting takes at most as long (and at
+    /// most 5).
     #[arg(long, env = "RPC_TIMEOUT", default_value_t = 10.0, value_parser = common::parse_seconds)]
     timeout: f64,
+
+    /// The largest reply accepted, in bytes; a Fibonacci call accepts at least fib(N)'s digits.
+    #[arg(long, env = "RPC_MAX_REPLY", value_name = "BYTES", default_value_t = amqp_rpc::DEFAULT_MAX_REPLY)]
+    max_reply: usize,
 
     /// Seconds after which a call still unanswered asks the broker whether any server consumes
     /// the queue; if none does, then nor a second later, the call fails. 0 turns the check off.
@@ -106,14 +111,24 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> amqp_rpc::Result<()> {
+    let timeout = common::seconds(args.timeout);
+    let connect = amqp_rpc::ConnectOptions::default();
     let options = ClientOptions {
         queue: args.broker.queue.clone(),
-        timeout: common::seconds(args.timeout),
+        timeout,
         no_server_grace: common::seconds(args.no_server_grace),
         server_user: args.server_user.clone(),
+        // The reply to fib(N) is N / 4.8 bytes: `client N` works for every N a server takes.
+        max_reply: match (args.n, &args.body) {
+            (Some(n), None) => args.max_reply.max(fib::reply_size(n)),
+            _ => args.max_reply,
+        },
         connect: amqp_rpc::ConnectOptions {
             tls: args.broker.tls(),
-            ..amqp_rpc::ConnectOptions::default()
+            // A broker that takes the connection and never speaks holds the command no
+            // longer than its timeout.
+            connect_timeout: connect.connect_timeout.min(timeout),
+            ..connect
         },
         retry: args.retry,
         reply_route: if args.direct_reply_to {
