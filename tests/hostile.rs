@@ -341,10 +341,17 @@ fn server_alive(server: &mut Running) -> bool {
 /// Makes a reply's properties from the correlation id of the request it answers.
 type ReplyMaker = Box<dyn FnOnce(&str) -> RawProperties + Send>;
 
+/// Whether every reply a rogue publishes must be taken by the broker.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirms {
+    Required,
+    MayBeRefused,
+}
+
 /// A rogue server of `queue` (declared here): it answers its i-th request with `replies[i]`,
 /// which makes a reply's properties from the request's correlation id, publishing each with
 /// the hostile peer; the body is always "55".
-fn rogue_server(queue: &str, replies: Vec<ReplyMaker>) -> JoinHandle<()> {
+fn rogue_server(queue: &str, replies: Vec<ReplyMaker>, confirms: Confirms) -> JoinHandle<()> {
     let mut connection = raw_connection();
     let channel = connection.open_channel(None).unwrap();
     declare_queue(&channel, queue);
@@ -369,11 +376,10 @@ fn rogue_server(queue: &str, replies: Vec<ReplyMaker>) -> JoinHandle<()> {
             };
             let reply_to = request.properties.reply_to().clone().unwrap();
             let id = request.properties.correlation_id().clone().unwrap();
-            let properties = reply(&id).encode();
-            assert_eq!(
-                publisher.publish(&reply_to, &properties, b"55"),
-                Verdict::Confirmed
-            );
+            let verdict = publisher.publish(&reply_to, &reply(&id).encode(), b"55");
+            if confirms == Confirms::Required {
+                assert_eq!(verdict, Verdict::Confirmed);
+            }
         }
         common::end_consumer(consumer);
         connection.close().unwrap();
@@ -421,7 +427,7 @@ fn hostile_replies_to_a_library_client(server_user: Option<String>) {
         script.push(hostile_reply(case.properties.clone()));
         script.push(good_reply());
     }
-    let rogue = rogue_server(&queue, script);
+    let rogue = rogue_server(&queue, script, Confirms::Required);
     let client = Client::with_options(
         &require_broker(),
         ClientOptions {
@@ -470,6 +476,7 @@ fn a_reply_with_a_correlation_id_that_is_not_utf8_is_dropped_and_the_call_answer
         vec![Box::new(|_: &str| {
             RawProperties::new().short(Property::CorrelationId, b"\xff\xfe")
         })],
+        Confirms::Required,
     );
     let client = client_for(&queue, Duration::from_secs(2));
     let error = client.call(b"10").unwrap_err();
@@ -497,6 +504,7 @@ fn the_client_binary_reports_a_hostile_reply_and_calls_again() {
             hostile_reply(RawProperties::new().headers(nested_tables(deepest_tables_within(room)))),
             good_reply(),
         ],
+        Confirms::Required,
     );
     let run_client = || {
         Command::new(env!("CARGO_BIN_EXE_client"))
@@ -562,5 +570,290 @@ fn a_call_or_reply_nested_deeper_than_accepted_is_not_sent() {
         ) && error.to_string().contains("nested 33 deep"),
         "{error:?}"
     );
+    server.shutdown().unwrap();
+}
+
+/// A generator of random bytes, deterministic from its seed (splitmix64).
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// Text of up to `most` bytes: ASCII, UTF-8 beyond it, or bytes that are not UTF-8.
+    fn text(&mut self, most: u64) -> Vec<u8> {
+        let length = self.below(most + 1) as usize;
+        match self.below(10) {
+            0..=5 => (0..length).map(|_| b' ' + self.below(95) as u8).collect(),
+            6 | 7 => "é→🦀".bytes().cycle().take(length).collect(),
+            _ => (0..length).map(|_| self.next() as u8).collect(),
+        }
+    }
+
+    /// One field value: its type byte and encoding, nesting at most `depth` more containers.
+    fn value(&mut self, depth: u32) -> (u8, Vec<u8>) {
+        const TYPES: &[u8] = b"tbBsuUIilLfdDSxTVAF";
+        let type_byte = if self.chance(3) {
+            self.next() as u8
+        } else {
+            TYPES[self.below(TYPES.len() as u64) as usize]
+        };
+        let fixed = |random: &mut Random, size: usize| {
+            (0..size).map(|_| random.next() as u8).collect::<Vec<u8>>()
+        };
+        let encoded = match type_byte {
+            b't' | b'b' | b'B' => fixed(self, 1),
+            b's' | b'u' | b'U' => fixed(self, 2),
+            b'I' | b'i' | b'f' => fixed(self, 4),
+            b'D' => fixed(self, 5),
+            b'l' | b'L' | b'd' | b'T' => fixed(self, 8),
+            b'V' => Vec::new(),
+            b'S' | b'x' => long_string(&self.text(64)),
+            b'A' if depth > 0 => {
+                let values: Vec<(u8, Vec<u8>)> =
+                    (0..self.below(4)).map(|_| self.value(depth - 1)).collect();
+                array(&values)
+            }
+            b'F' if depth > 0 => self.table(depth - 1),
+            b'A' | b'F' => long_string(b""),
+            // A type AMQP does not define, with a few bytes after it.
+            _ => {
+                let size = self.below(4) as usize;
+                fixed(self, size)
+            }
+        };
+        (type_byte, encoded)
+    }
+
+    /// A field table nesting at most `depth` containers, now and then with a wrong length.
+    fn table(&mut self, depth: u32) -> Vec<u8> {
+        let names: Vec<Vec<u8>> = (0..self.below(5)).map(|_| self.text(12)).collect();
+        let entries: Vec<(&[u8], u8, Vec<u8>)> = names
+            .iter()
+            .map(|name| {
+                let (type_byte, value) = self.value(depth);
+                (name.as_slice(), type_byte, value)
+            })
+            .collect();
+        let mut encoded = table(&entries);
+        if self.chance(3) {
+            let wrong = (encoded.len() as u32 - 4)
+                .wrapping_add(self.below(5) as u32)
+                .wrapping_sub(2);
+            encoded[..4].copy_from_slice(&wrong.to_be_bytes());
+        }
+        encoded
+    }
+
+    /// Random properties, with `reply_to` most often, and never a `user_id` but `user`.
+    fn properties(&mut self, reply_to: &str, user: &str) -> RawProperties {
+        let mut properties = RawProperties::new();
+        for property in [
+            Property::ContentType,
+            Property::ContentEncoding,
+            Property::MessageId,
+            Property::Type,
+            Property::AppId,
+            Property::ClusterId,
+        ] {
+            if self.chance(40) {
+                properties = properties.short(property, &self.text(40));
+            }
+        }
+        if self.chance(3) {
+            // Deep enough to overflow a parser that recurses, within a default frame.
+            let depth = 3_000 + self.below(15_000) as usize;
+            let headers = if self.chance(50) {
+                nested_tables(depth)
+            } else {
+                nested_arrays(depth)
+            };
+            properties = properties.headers(headers);
+        } else if self.chance(70) {
+            // Sometimes deeper than accepted.
+            let depth = self.below(MAX_HEADER_DEPTH as u64 + 8) as u32;
+            properties = properties.headers(self.table(depth));
+        }
+        for property in [Property::DeliveryMode, Property::Priority] {
+            if self.chance(30) {
+                properties = properties.raw(property, vec![self.next() as u8]);
+            }
+        }
+        if self.chance(30) {
+            properties = properties.raw(Property::Timestamp, self.next().to_be_bytes().to_vec());
+        }
+        if self.chance(90) {
+            properties = properties.short(Property::CorrelationId, &self.text(40));
+        }
+        properties = match self.below(20) {
+            0..=16 => properties.short(Property::ReplyTo, reply_to.as_bytes()),
+            17 => properties.short(Property::ReplyTo, &self.text(40)),
+            _ => properties,
+        };
+        if self.chance(10) {
+            let millis = (10_000 + self.below(50_000)).to_string();
+            properties = properties.short(Property::Expiration, millis.as_bytes());
+        }
+        if self.chance(20) {
+            properties = properties.short(Property::UserId, user.as_bytes());
+        }
+        if self.chance(2) {
+            properties = properties.extra_flags(1 + self.below(2) as u16);
+        }
+        properties
+    }
+}
+
+/// The seed of a randomized test: `HOSTILE_SEED`, or the clock's. It is printed if the test
+/// fails, to run it again with `HOSTILE_SEED=<seed>`.
+struct Seed(u64);
+
+impl Seed {
+    fn new() -> Seed {
+        let seed = std::env::var("HOSTILE_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        Seed(seed)
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("the randomized test failed with HOSTILE_SEED={}", self.0);
+        }
+    }
+}
+
+/// How many random messages each randomized test sends.
+const RANDOM_MESSAGES: usize = 400;
+
+/// Sends [`RANDOM_MESSAGES`] random requests to `queue`, then checks that `good_call` is
+/// answered; returns how many the broker took.
+fn send_random_requests(seed: u64, queue: &str, good_call: &mut dyn FnMut()) -> usize {
+    let mut random = Random(seed);
+    let inbox = Inbox::new();
+    let mut publisher = RawPublisher::connect();
+    let mut taken = 0;
+    for _ in 0..RANDOM_MESSAGES {
+        let properties = random.properties(&inbox.name, &broker_user());
+        let body = if random.chance(50) {
+            b"10".to_vec()
+        } else {
+            random.text(64)
+        };
+        if publisher.publish(queue, &properties.encode(), &body) == Verdict::Confirmed {
+            taken += 1;
+        }
+    }
+    good_call();
+    taken
+}
+
+#[test]
+fn random_requests_through_the_broker_leave_a_server_serving() {
+    let seed = Seed::new();
+    let queue = unique_queue("random-requests");
+    let _guard = QueueGuard(queue.clone());
+    let server = common::start_server(&queue, 1, |request: &Request| {
+        fib::handle_request(request.body(), 1000)
+    });
+    let client = client_for(&queue, Duration::from_secs(30));
+    let taken = send_random_requests(seed.0, &queue, &mut || {
+        assert_eq!(client.fib(10).unwrap().to_string(), "55");
+    });
+    assert!(taken > RANDOM_MESSAGES / 2, "the broker took only {taken}");
+    assert_eq!(
+        server.stats().reconnections,
+        0,
+        "no request broke the connection"
+    );
+    assert!(server.health().is_serving());
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn random_requests_through_the_broker_leave_the_server_binary_serving() {
+    let seed = Seed::new();
+    let queue = unique_queue("random-binary");
+    let _guard = QueueGuard(queue.clone());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+    command
+        .args([
+            "--url",
+            &require_broker(),
+            "--queue",
+            &queue,
+            "--workers",
+            "1",
+        ])
+        .env("RUST_LOG", "error");
+    let mut server = spawn_until_ready(command, "Awaiting RPC requests");
+    let client = client_for(&queue, Duration::from_secs(30));
+    send_random_requests(seed.0.wrapping_add(1), &queue, &mut || {
+        assert_eq!(client.fib(10).unwrap().to_string(), "55");
+    });
+    assert!(server_alive(&mut server), "the server binary died");
+}
+
+#[test]
+fn random_replies_through_the_broker_fail_only_their_own_calls() {
+    const CALLS: usize = 100;
+    let seed = Seed::new();
+    let mut random = Random(seed.0.wrapping_add(2));
+    let queue = unique_queue("random-replies");
+    let _guard = QueueGuard(queue.clone());
+    let replies: Vec<ReplyMaker> = (0..CALLS)
+        .map(|_| {
+            let properties = random.properties("", &broker_user());
+            let own_id = random.chance(80);
+            let maker: ReplyMaker = Box::new(move |id: &str| {
+                // A reply carries no reply_to; most carry the awaited correlation id.
+                let properties = properties.merged(&RawProperties::new());
+                let properties = RawProperties::new().merged(&properties);
+                if own_id {
+                    properties.short(Property::CorrelationId, id.as_bytes())
+                } else {
+                    properties
+                }
+            });
+            maker
+        })
+        .collect();
+    // The broker refuses some (a type AMQP does not define, a table that runs past its end).
+    let rogue = rogue_server(&queue, replies, Confirms::MayBeRefused);
+    let client = client_for(&queue, Duration::from_secs(5));
+    let calls: Vec<Call> = (0..CALLS).map(|_| Call::new("10")).collect();
+    for outcome in client.send_many(&calls) {
+        match outcome {
+            Ok(_)
+            | Err(Error::Remote { .. })
+            | Err(Error::InvalidReply(_))
+            | Err(Error::Timeout { .. }) => {}
+            Err(other) => panic!("a random reply failed the client: {other:?}"),
+        }
+    }
+    rogue.join().unwrap();
+    let server = common::start_fib_server(&queue, 1);
+    assert_eq!(client.call(b"10").unwrap(), b"55", "the client calls on");
     server.shutdown().unwrap();
 }
