@@ -19,6 +19,7 @@ use log::{debug, warn};
 use url::Url;
 
 use crate::error::{Error, Result};
+use crate::headers::MAX_HEADER_DEPTH;
 use crate::inbound::{CheckedStream, Transport};
 
 /// The log target under which amiquip logs the AMQP handshake at debug, including the
@@ -486,6 +487,7 @@ fn open_address(
     address: &BrokerAddress,
     options: &ConnectOptions,
 ) -> Result<(Connection, TcpStream)> {
+    warn_once_if_threads_are_too_small();
     let external = address.tls && options.tls.external_auth;
     // Read before connecting: a missing file is a configuration error, not a network one.
     let connector = if address.tls {
@@ -608,6 +610,38 @@ fn tls_handshake(
             "the TLS handshake stopped waiting for the broker",
         ))),
     }
+}
+
+/// The stack amiquip's I/O thread needs to parse headers nested [`MAX_HEADER_DEPTH`] deep,
+/// the deepest that reach it (see `inbound.rs`), with room to spare: measured with the
+/// hostile tests' deepest accepted headers, between 128 and 256 KiB in a debug build, between
+/// 32 and 64 KiB in a release build. The default thread stack (2 MiB) holds it many times
+/// over, whatever the broker's frame_max.
+const IO_THREAD_STACK: usize = if cfg!(debug_assertions) {
+    256 * 1024
+} else {
+    64 * 1024
+};
+
+/// Warns, once per process, when `RUST_MIN_STACK` (which sets the stack of amiquip's I/O
+/// thread, spawned without a size) is below [`IO_THREAD_STACK`]: a message the broker
+/// delivers could then overflow it and abort the process.
+fn warn_once_if_threads_are_too_small() {
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let set = std::env::var("RUST_MIN_STACK").ok();
+        if let Some(bytes) = set
+            .as_deref()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            && bytes < IO_THREAD_STACK
+        {
+            warn!(
+                "RUST_MIN_STACK is {bytes} bytes, below the {IO_THREAD_STACK} that amiquip's I/O \
+                 thread needs to parse headers nested {MAX_HEADER_DEPTH} deep: a message could \
+                 overflow it and abort the process; unset it, or raise it"
+            );
+        }
+    });
 }
 
 /// A TLS connector that trusts the system's CAs and `tls.ca_file`, and presents

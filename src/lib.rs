@@ -93,6 +93,12 @@
 //!   [`Server::stats`], [`Server::health`], and a Prometheus `/metrics` and `/health` endpoint
 //!   ([`ServerOptions::metrics_addr`]). W3C `traceparent`/`tracestate` headers travel from a
 //!   call to its handler and back on the reply.
+//! - Everything the broker delivers may come from a stranger: every frame is checked before
+//!   amiquip parses it, without recursion. A message whose properties cannot be read as they
+//!   came (headers nested deeper than [`MAX_HEADER_DEPTH`], a short string that is not UTF-8)
+//!   is refused: a server answers it with a `bad-request` error reply, a client fails its call
+//!   with [`Error::InvalidReply`]. No message kills, hangs or wedges a process, and amiquip's
+//!   I/O thread needs no larger stack than the default, whatever the broker's frame size.
 //! - [`fib`]: exact Fibonacci numbers by fast doubling, and the tutorial's handler.
 //! - [`json`]: typed payloads (feature `json`).
 //!

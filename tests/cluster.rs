@@ -747,3 +747,61 @@ fn with_external_auth_the_confirmed_external_user_is_the_user_id_and_a_wrong_one
     );
     server.shutdown().unwrap();
 }
+
+#[test]
+fn headers_nested_to_a_larger_frames_limit_are_refused_by_a_server_on_a_small_stack() {
+    use common::raw_amqp::{
+        Property, RawProperties, RawPublisher, Verdict, deepest_tables_within, headers_room,
+        nested_tables,
+    };
+    let _cluster = cluster_lock();
+    // Node c3 takes frames of 1 MiB (scripts/cluster).
+    let node = url(2);
+    let queue = unique_queue("large-frame");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_server"));
+    command
+        .args(["--url", &node, "--queue", &queue, "--workers", "1"])
+        .env("RUST_LOG", "error")
+        // An eighth of the default stack, for every thread: what amiquip parses nests at most
+        // 32 deep, whatever the frame's size (tests/hostile.rs measures what that needs).
+        .env("RUST_MIN_STACK", "262144");
+    let _server = common::process::spawn_until_ready(command, "Awaiting RPC requests");
+    let inbox = common::Inbox::at(&node);
+    let mut publisher = RawPublisher::connect_to(&node);
+    assert_eq!(publisher.frame_max, 1_048_576, "c3's frame_max");
+    let others = (1 + 2) + (1 + inbox.name.len());
+    let depth = deepest_tables_within(headers_room(publisher.frame_max, others));
+    let properties = RawProperties::new()
+        .headers(nested_tables(depth))
+        .short(Property::CorrelationId, b"c3")
+        .short(Property::ReplyTo, inbox.name.as_bytes());
+    assert_eq!(
+        publisher.publish(&queue, &properties.encode(), b"10"),
+        Verdict::Confirmed
+    );
+    let reply = inbox.next_reply();
+    let error = match reply
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get("error"))
+    {
+        Some(amiquip::AmqpValue::LongString(error)) => error.clone(),
+        other => panic!("{depth} levels: no error reply: {other:?}"),
+    };
+    assert!(error.contains("deeper than the 32 levels"), "{error}");
+    let client = Client::with_options(
+        &node,
+        ClientOptions {
+            queue: queue.clone(),
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        client.fib(10).unwrap().to_string(),
+        "55",
+        "the server serves on"
+    );
+    let _ = rabbitmqctl_on(2, &["delete_queue", &queue]);
+}

@@ -12,14 +12,16 @@ use std::process::Command;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use amiquip::{Connection, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
 use amqp_rpc::{Call, Client, ClientOptions, Error, MAX_HEADER_DEPTH, Request, Server, fib};
 use common::process::{Running, spawn_until_ready, text};
 use common::raw_amqp::{
     Property, RawProperties, RawPublisher, Verdict, array, deepest_arrays_within,
     deepest_tables_within, headers_room, long_string, nested_arrays, nested_tables, table,
 };
-use common::{QueueGuard, client_for, declare_queue, raw_connection, require_broker, unique_queue};
+use common::{
+    Inbox, QueueGuard, client_for, declare_queue, raw_connection, require_broker, unique_queue,
+};
 
 /// What a server should do with a hostile request.
 #[derive(Clone, Copy, Debug)]
@@ -185,48 +187,6 @@ fn cases(frame_max: usize, others: usize) -> Vec<Case> {
     ]
 }
 
-/// A server-named, exclusive queue of the test's own, on a plain amiquip connection, where
-/// hostile requests have their replies sent.
-struct Inbox {
-    connection: Option<Connection>,
-    /// Kept open: dropping a channel closes it.
-    _channel: amiquip::Channel,
-    name: String,
-    replies: crossbeam_channel::Receiver<ConsumerMessage>,
-}
-
-impl Inbox {
-    fn new() -> Inbox {
-        let mut connection = raw_connection();
-        let channel = connection.open_channel(None).unwrap();
-        let (name, consumer) = common::consume_reply_queue(&channel);
-        let replies = consumer.receiver().clone();
-        // Ended with its connection, never dropped early (docs/amiquip.md).
-        std::mem::forget(consumer);
-        Inbox {
-            connection: Some(connection),
-            _channel: channel,
-            name,
-            replies,
-        }
-    }
-
-    fn next_reply(&self) -> Delivery {
-        match self.replies.recv_timeout(Duration::from_secs(10)) {
-            Ok(ConsumerMessage::Delivery(reply)) => reply,
-            other => panic!("no reply within 10 s: {other:?}"),
-        }
-    }
-}
-
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            let _ = connection.close();
-        }
-    }
-}
-
 fn header_text(reply: &Delivery, name: &str) -> Option<String> {
     match reply.properties.headers().as_ref()?.get(name)? {
         amiquip::AmqpValue::LongString(text) => Some(text.clone()),
@@ -237,7 +197,7 @@ fn header_text(reply: &Delivery, name: &str) -> Option<String> {
 /// Sends every hostile case as a request to `queue`, whose server answers fib requests, and
 /// checks what comes back; after each, `good_call` must be answered.
 fn send_hostile_requests(queue: &str, good_call: &mut dyn FnMut()) {
-    let inbox = Inbox::new();
+    let inbox = Inbox::at(&require_broker());
     let mut publisher = RawPublisher::connect();
     // The request's own properties: correlation_id (at most 40 bytes) and reply_to.
     let others = (1 + 40) + (1 + inbox.name.len());
@@ -318,14 +278,14 @@ fn hostile_requests_are_answered_or_refused_and_the_server_binary_serves_on() {
     let _guard = QueueGuard(queue.clone());
     let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
     // One worker: a request that stopped it would leave nobody to answer the good call.
-    command.args([
-        "--url",
-        &require_broker(),
-        "--queue",
-        &queue,
-        "--workers",
-        "1",
-    ]);
+    command
+        .args(["--url", &require_broker(), "--queue", &queue])
+        .args(["--workers", "1"])
+        .env("RUST_LOG", "error")
+        // Every thread of the server, amiquip's I/O thread among them, on an eighth of the
+        // default stack: amiquip parses at most 32 levels. In this debug build that needs
+        // between 128 and 256 KiB (a release build: between 32 and 64 KiB).
+        .env("RUST_MIN_STACK", "262144");
     let mut server = spawn_until_ready(command, "Awaiting RPC requests");
     let client = client_for(&queue, Duration::from_secs(10));
     send_hostile_requests(&queue, &mut || {
@@ -751,7 +711,7 @@ const RANDOM_MESSAGES: usize = 400;
 /// answered; returns how many the broker took.
 fn send_random_requests(seed: u64, queue: &str, good_call: &mut dyn FnMut()) -> usize {
     let mut random = Random(seed);
-    let inbox = Inbox::new();
+    let inbox = Inbox::at(&require_broker());
     let mut publisher = RawPublisher::connect();
     let mut taken = 0;
     for _ in 0..RANDOM_MESSAGES {

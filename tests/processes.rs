@@ -406,3 +406,29 @@ fn the_client_binary_ends_within_its_timeout_when_its_connect_hangs() {
         "took {took:?} for a 2 s timeout (the connect timeout is 5 s)"
     );
 }
+
+#[test]
+fn a_process_whose_threads_are_too_small_for_amiquip_is_warned_once() {
+    let queue = unique_queue("small-stack");
+    let run = |stack: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_client"))
+            .args(["--url", &common::require_broker(), "--queue", &queue])
+            .args(["--timeout", "1", "1"])
+            .env("RUST_MIN_STACK", stack)
+            .output()
+            .unwrap();
+        text(&output).1
+    };
+    // Below what amiquip's I/O thread needs for headers nested 32 deep (256 KiB in a debug
+    // build, 64 KiB in a release one), yet enough for an ordinary call.
+    let stack = if cfg!(debug_assertions) {
+        "200000"
+    } else {
+        "50000"
+    };
+    let small = run(stack);
+    let warning = format!("RUST_MIN_STACK is {stack} bytes, below");
+    assert_eq!(small.matches(&warning).count(), 1, "{small}");
+    let large = run("4194304");
+    assert!(!large.contains("RUST_MIN_STACK"), "{large}");
+}

@@ -13,7 +13,7 @@ pub mod proxy;
 pub mod raw_amqp;
 
 use amiquip::{
-    AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Publish,
+    AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, Publish,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use amqp_rpc::{Client, ClientOptions, Handler, QueueOptions, Request, Server, fib};
@@ -366,6 +366,50 @@ pub fn consume_reply_queue(channel: &Channel) -> (String, amiquip::Consumer<'_>)
         })
         .unwrap();
     (queue.name().to_string(), consumer)
+}
+
+/// A server-named, exclusive queue of the test's own, on a plain amiquip connection, where
+/// hostile requests have their replies sent.
+pub struct Inbox {
+    connection: Option<Connection>,
+    /// Kept open: dropping a channel closes it.
+    _channel: amiquip::Channel,
+    pub name: String,
+    pub replies: crossbeam_channel::Receiver<ConsumerMessage>,
+}
+
+impl Inbox {
+    /// An inbox on the broker at `url`.
+    pub fn at(url: &str) -> Inbox {
+        let mut connection = Connection::insecure_open(url).expect("connect to the broker");
+        let channel = connection.open_channel(None).unwrap();
+        let (name, consumer) = consume_reply_queue(&channel);
+        let replies = consumer.receiver().clone();
+        // Ended with its connection, never dropped early (docs/amiquip.md).
+        std::mem::forget(consumer);
+        Inbox {
+            connection: Some(connection),
+            _channel: channel,
+            name,
+            replies,
+        }
+    }
+
+    /// The next reply, within 10 s.
+    pub fn next_reply(&self) -> Delivery {
+        match self.replies.recv_timeout(Duration::from_secs(10)) {
+            Ok(ConsumerMessage::Delivery(reply)) => reply,
+            other => panic!("no reply within 10 s: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.close();
+        }
+    }
 }
 
 /// Ends `consumer` the safe way (docs/amiquip.md): cancels it, reads a clone of its receiver

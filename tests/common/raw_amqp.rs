@@ -212,6 +212,8 @@ pub enum Verdict {
 /// A connection of the hostile peer, with one channel in confirm mode.
 pub struct RawPublisher {
     stream: TcpStream,
+    /// The broker's host and port.
+    address: (String, u16),
     user: String,
     password: String,
     /// The largest frame the broker takes on this connection.
@@ -223,27 +225,32 @@ pub struct RawPublisher {
 }
 
 impl RawPublisher {
-    /// Connects as the test broker's user.
+    /// Connects to the test broker as the user its URL names.
     pub fn connect() -> RawPublisher {
-        let url = url::Url::parse(&require_broker()).unwrap();
-        let user = match url.username() {
+        RawPublisher::connect_to(&require_broker())
+    }
+
+    /// Connects to the broker at `url` (its default vhost) as the user the URL names.
+    pub fn connect_to(url: &str) -> RawPublisher {
+        let parsed = url::Url::parse(url).unwrap();
+        let user = match parsed.username() {
             "" => "guest".to_string(),
             name => name.to_string(),
         };
-        let password = url.password().unwrap_or("guest").to_string();
-        RawPublisher::connect_as(&user, &password)
+        let password = parsed.password().unwrap_or("guest").to_string();
+        RawPublisher::open(host_and_port(url), &user, &password)
     }
 
-    /// Connects as `user`.
-    pub fn connect_as(user: &str, password: &str) -> RawPublisher {
-        let (host, port) = host_and_port(&require_broker());
-        let stream = TcpStream::connect((host.as_str(), port)).expect("connect to the broker");
+    fn open(address: (String, u16), user: &str, password: &str) -> RawPublisher {
+        let stream =
+            TcpStream::connect((address.0.as_str(), address.1)).expect("connect to the broker");
         stream.set_nodelay(true).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut publisher = RawPublisher {
             stream,
+            address,
             user: user.to_string(),
             password: password.to_string(),
             frame_max: 0,
@@ -350,7 +357,7 @@ impl RawPublisher {
     }
 
     fn reconnect(&mut self) {
-        *self = RawPublisher::connect_as(&self.user.clone(), &self.password.clone());
+        *self = RawPublisher::open(self.address.clone(), &self.user, &self.password);
     }
 
     fn send(&mut self, kind: u8, channel: u16, payload: &[u8]) {
