@@ -310,6 +310,10 @@ fn connections_held_half_open_cost_the_endpoint_no_thread_and_block_no_scraper()
         .parse()
         .unwrap();
     let pid = server.0.id();
+    // The binary starts its signal thread once it has said it awaits requests: a call answered
+    // is long after that.
+    let client = common::client_for(&queue, Duration::from_secs(10));
+    assert_eq!(client.fib(10).unwrap().to_string(), "55");
     let threads = threads_of(pid);
 
     // Strangers, each having sent half a request.
@@ -331,7 +335,6 @@ fn connections_held_half_open_cost_the_endpoint_no_thread_and_block_no_scraper()
         "{} threads with {HELD} connections held, {threads} before",
         threads_of(pid)
     );
-    let client = common::client_for(&queue, Duration::from_secs(10));
     assert_eq!(
         client.fib(10).unwrap().to_string(),
         "55",
