@@ -17,6 +17,7 @@
 //! its own deadline passes; when the session breaks and retry is on, the unanswered ones are
 //! sent again on the next session.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,10 +27,12 @@ use num_bigint::BigUint;
 
 use crate::client_options::ClientOptions;
 use crate::connect::Brokers;
+use crate::destination::Destination;
 use crate::error::{Error, QueueState, Result};
 use crate::headers::MAX_HEADER_DEPTH;
 use crate::message::{Call, Reply};
-use crate::session::{Event, Mailbox, QUEUE_STATE_FRESH, Role, Session};
+use crate::probe::QUEUE_STATE_FRESH;
+use crate::session::{Event, Mailbox, Role, Session};
 use crate::stats::{ClientCounters, ClientStats};
 use crate::sync::{deadline_after, lock, wait_timeout};
 
@@ -95,6 +98,8 @@ impl std::fmt::Debug for Client {
 struct Inner {
     brokers: Brokers,
     options: ClientOptions,
+    /// Where calls go that name no destination: [`ClientOptions::queue`].
+    destination: Destination,
     slot: Mutex<Slot>,
     /// Signalled when a connection attempt ends.
     connected: Condvar,
@@ -142,6 +147,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 brokers,
+                destination: Destination::queue(options.queue.as_str()),
                 options,
                 slot: Mutex::new(Slot {
                     session: Some(Arc::new(session)),
@@ -252,10 +258,13 @@ impl Client {
             timeouts,
             outcomes: calls.iter().map(|_| None).collect(),
             pending: Vec::with_capacity(calls.len()),
-            queue: options.queue.clone(),
+            destinations: calls
+                .iter()
+                .map(|call| call.destination.as_ref().unwrap_or(&self.inner.destination))
+                .collect(),
             grace_check: (!options.no_server_grace.is_zero()).then(|| GraceCheck {
                 at: deadline_after(started, options.no_server_grace),
-                nobody_seen: false,
+                nobody_seen: HashSet::new(),
             }),
             started,
             counters: &self.inner.counters,
@@ -431,13 +440,7 @@ impl Client {
     /// Those of [`Client::call`], and [`Error::InvalidReply`] when the reply is not a decimal
     /// number or is over [`ClientOptions::max_reply`].
     pub fn fib(&self, n: u64) -> Result<BigUint> {
-        let reply = self.call(n.to_string().as_bytes())?;
-        BigUint::parse_bytes(&reply, 10).ok_or_else(|| {
-            Error::InvalidReply(format!(
-                "expected a decimal number, got {:?}",
-                String::from_utf8_lossy(&reply[..reply.len().min(40)])
-            ))
-        })
+        crate::fib::parse_reply(&self.call(n.to_string().as_bytes())?)
     }
 
     /// Drops this handle. When it is the last clone, closes the connection and reports any
@@ -469,23 +472,24 @@ struct Batch<'a> {
     outcomes: Vec<Option<Result<Reply>>>,
     /// The calls still to be sent on the next session, by index.
     pending: Vec<usize>,
-    /// The server queue, for errors.
-    queue: String,
-    /// When to ask the broker next whether any server consumes the queue; `None` once
-    /// settled, or when the check is off.
+    /// Where each call goes.
+    destinations: Vec<&'a Destination>,
+    /// When to ask the broker next whether any server consumes the queues of the calls still
+    /// unanswered; `None` once settled, or when the check is off.
     grace_check: Option<GraceCheck>,
     /// When the calls started, for their latency.
     started: Instant,
     counters: &'a ClientCounters,
 }
 
-/// The next look at the server queue for calls still unanswered after the grace
+/// The next look at the queues of calls still unanswered after the grace
 /// ([`ClientOptions::no_server_grace`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct GraceCheck {
     at: Instant,
-    /// True when the look before found no server and requests waiting: this look decides.
-    nobody_seen: bool,
+    /// The queues in which the look before found no server and requests waiting: this look
+    /// decides for them.
+    nobody_seen: HashSet<String>,
 }
 
 /// Calls counted in [`Inner::in_flight`] until dropped.
@@ -516,18 +520,27 @@ impl Batch<'_> {
             // connection cut (see `session::Publisher`). The caller hears it now.
             for index in std::mem::take(&mut self.pending) {
                 self.outcomes[index] = Some(Err(Error::Blocked {
-                    queue: self.queue.clone(),
+                    destination: self.destinations[index].clone(),
                     reason: reason.clone(),
                     after: None,
                 }));
             }
             return Ok(());
         }
+        self.check_exchanges(session)?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let mailbox = Arc::new(Mailbox::default());
         let (ids, mut role) = session.start(
-            self.pending
-                .iter()
-                .map(|&index| (index, &self.calls[index], self.deadlines[index])),
+            self.pending.iter().map(|&index| {
+                (
+                    index,
+                    &self.calls[index],
+                    self.destinations[index],
+                    self.deadlines[index],
+                )
+            }),
             &mailbox,
         )?;
         // Correlation ids by call index, in deadline order, so that the next deadline to pass
@@ -543,49 +556,25 @@ impl Batch<'_> {
             {
                 waiting.pop();
             }
-            let next_deadline = self.deadlines[waiting.last().expect("a call waits").0];
-            if let Some(check) = self.grace_check
-                && check.at <= Instant::now()
+            let Some(&(next, _)) = waiting.last() else {
+                break;
+            };
+            let next_deadline = self.deadlines[next];
+            if self
+                .grace_check
+                .as_ref()
+                .is_some_and(|check| check.at <= Instant::now())
             {
-                self.grace_check = None;
-                // With nobody consuming, a request still unanswered is waiting in the queue,
-                // unless a server took it and stopped consuming (to drain, say) while it
-                // works on it: an empty queue means the request is being served.
-                let nobody = session
-                    .queue_state()
-                    .is_some_and(|state| state.consumers == 0 && state.waiting > 0);
-                if nobody && !check.nobody_seen {
-                    // A server replacing its only worker, or restarting at once, consumes
-                    // nothing for a moment: only a second look, on a fresh answer, fails calls.
-                    debug!(
-                        "no server consumes queue '{}' now; looking again in {} s",
-                        self.queue,
-                        QUEUE_STATE_FRESH.as_secs_f64()
-                    );
-                    self.grace_check = Some(GraceCheck {
-                        at: Instant::now() + QUEUE_STATE_FRESH,
-                        nobody_seen: true,
-                    });
-                } else if nobody {
-                    debug!("no server consumes queue '{}'", self.queue);
-                    let mut given_up = Vec::new();
-                    for (index, id) in waiting.drain(..) {
-                        if self.outcomes[index].is_none() {
-                            self.outcomes[index] = Some(Err(Error::NoServer {
-                                queue: self.queue.clone(),
-                            }));
-                            unanswered -= 1;
-                            given_up.push(id);
-                        }
-                    }
-                    // As for timed-out calls: a reply that still comes is late.
-                    session.forget(given_up);
-                    continue;
-                }
+                let given_up = self.look_for_servers(session, &mut waiting);
+                unanswered -= given_up.len();
+                // As for timed-out calls: a reply that still comes is late.
+                session.forget(given_up);
+                continue;
             }
             // Wake for the grace check too.
             let next_deadline = self
                 .grace_check
+                .as_ref()
                 .map_or(next_deadline, |check| check.at.min(next_deadline));
             let event = match role {
                 // The reader's own answers come through its mailbox too, without a wait.
@@ -630,8 +619,11 @@ impl Batch<'_> {
                         // What the broker knew when the calls gave up explains the timeout,
                         // unless it was blocking the connection.
                         let blocked = session.blocked();
-                        let state = blocked.is_none().then(|| session.queue_state()).flatten();
                         for &(index, _) in &expired {
+                            let state = match (&blocked, self.destinations[index].queue_name()) {
+                                (None, Some(queue)) => session.queue_state(queue),
+                                _ => None,
+                            };
                             self.time_out(index, state, blocked.as_ref());
                             unanswered -= 1;
                         }
@@ -655,17 +647,138 @@ impl Batch<'_> {
         failure.map_or(Ok(()), Err)
     }
 
+    /// Has the broker say whether each exchange the pending calls go to exists, before any is
+    /// published: a publish to a missing exchange closes the channel, and with it every call
+    /// of the session. Calls to a missing exchange fail with [`Error::NoExchange`]; calls to
+    /// one the broker does not answer about by the first of their deadlines time out.
+    ///
+    /// # Errors
+    ///
+    /// Why the session broke, when it broke meanwhile.
+    fn check_exchanges(&mut self, session: &Session) -> Result<()> {
+        let mut exchanges: Vec<&str> = self
+            .pending
+            .iter()
+            .map(|&index| self.destinations[index].exchange_name())
+            .filter(|exchange| !exchange.is_empty())
+            .collect();
+        if exchanges.is_empty() {
+            return Ok(());
+        }
+        exchanges.sort_unstable();
+        exchanges.dedup();
+        for exchange in exchanges {
+            let to_it: Vec<usize> = self
+                .pending
+                .iter()
+                .copied()
+                .filter(|&index| self.destinations[index].exchange_name() == exchange)
+                .collect();
+            let by = to_it
+                .iter()
+                .map(|&index| self.deadlines[index])
+                .min()
+                .expect("a call goes to the exchange");
+            match session.exchange_exists(exchange, by) {
+                Some(true) => continue,
+                Some(false) => {
+                    for index in to_it {
+                        self.outcomes[index] = Some(Err(Error::NoExchange {
+                            exchange: exchange.to_string(),
+                        }));
+                    }
+                }
+                None if session.is_broken() => {
+                    return Err(session.broken().expect("the session is broken"));
+                }
+                None => {
+                    let blocked = session.blocked();
+                    for index in to_it {
+                        self.time_out(index, None, blocked.as_ref());
+                    }
+                }
+            }
+        }
+        self.pending.retain(|&index| self.outcomes[index].is_none());
+        Ok(())
+    }
+
+    /// Looks at the queues of the calls still `waiting` (an exchange's queues cannot be
+    /// told): with nobody consuming a queue and requests waiting in it, its calls fail with
+    /// [`Error::NoServer`], once a second look a second later agrees. Returns the
+    /// correlation ids of the calls given up, and schedules the next look, if one is needed.
+    fn look_for_servers(
+        &mut self,
+        session: &Session,
+        waiting: &mut Vec<(usize, String)>,
+    ) -> Vec<String> {
+        let check = self.grace_check.take().expect("a look is due");
+        let mut queues: Vec<&str> = waiting
+            .iter()
+            .filter(|&&(index, _)| self.outcomes[index].is_none())
+            .filter_map(|&(index, _)| self.destinations[index].queue_name())
+            .collect();
+        queues.sort_unstable();
+        queues.dedup();
+        let mut nobody_now = HashSet::new();
+        let mut no_server = HashSet::new();
+        for queue in queues {
+            // With nobody consuming, a request still unanswered is waiting in the queue,
+            // unless a server took it and stopped consuming (to drain, say) while it works on
+            // it: an empty queue means the request is being served.
+            let nobody = session
+                .queue_state(queue)
+                .is_some_and(|state| state.consumers == 0 && state.waiting > 0);
+            if !nobody {
+                continue;
+            }
+            if check.nobody_seen.contains(queue) {
+                debug!("no server consumes queue '{queue}'");
+                no_server.insert(queue.to_string());
+            } else {
+                // A server replacing its only worker, or restarting at once, consumes nothing
+                // for a moment: only a second look, on a fresh answer, fails calls.
+                debug!(
+                    "no server consumes queue '{queue}' now; looking again in {} s",
+                    QUEUE_STATE_FRESH.as_secs_f64()
+                );
+                nobody_now.insert(queue.to_string());
+            }
+        }
+        if !nobody_now.is_empty() {
+            self.grace_check = Some(GraceCheck {
+                at: Instant::now() + QUEUE_STATE_FRESH,
+                nobody_seen: nobody_now,
+            });
+        }
+        let mut given_up = Vec::new();
+        waiting.retain(|(index, id)| {
+            let served = self.destinations[*index]
+                .queue_name()
+                .is_none_or(|queue| !no_server.contains(queue));
+            if served || self.outcomes[*index].is_some() {
+                return true;
+            }
+            self.outcomes[*index] = Some(Err(Error::NoServer {
+                queue: self.destinations[*index].routing_key().to_string(),
+            }));
+            given_up.push(id.clone());
+            false
+        });
+        given_up
+    }
+
     fn time_out(&mut self, index: usize, state: Option<QueueState>, blocked: Option<&String>) {
-        let (after, queue) = (self.timeouts[index], self.queue.clone());
+        let (after, destination) = (self.timeouts[index], self.destinations[index].clone());
         self.outcomes[index] = Some(Err(match blocked {
             Some(reason) => Error::Blocked {
-                queue,
+                destination,
                 reason: reason.clone(),
                 after: Some(after),
             },
             None => Error::Timeout {
                 after,
-                queue,
+                destination,
                 state,
             },
         }));

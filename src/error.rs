@@ -12,6 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::destination::Destination;
 use crate::message::FailureKind;
 
 /// A specialised `Result` whose error is this crate's [`Error`].
@@ -67,10 +68,11 @@ pub enum Error {
     Timeout {
         /// How long the call waited.
         after: Duration,
-        /// The server queue.
-        queue: String,
-        /// What the broker knew of the queue at that moment, when it could be asked and
-        /// answered within 0.25 s (a broker that has stopped answering does not).
+        /// Where the call went.
+        destination: Destination,
+        /// For a queue destination, what the broker knew of the queue at that moment, when it
+        /// could be asked and answered within 0.25 s (a broker that has stopped answering
+        /// does not); `None` for an exchange destination.
         state: Option<QueueState>,
     },
 
@@ -80,8 +82,8 @@ pub enum Error {
     /// answered within its timeout, may not have left the client (`after` is its timeout): it
     /// goes out, and is served, once the alarm clears, and its late reply is dropped.
     Blocked {
-        /// The server queue.
-        queue: String,
+        /// Where the call went.
+        destination: Destination,
         /// The broker's reason: "low on memory", "low on disk".
         reason: String,
         /// How long the call waited, when it was sent and timed out.
@@ -96,10 +98,18 @@ pub enum Error {
         queue: String,
     },
 
-    /// The broker had no queue to route the request to: no server has declared it.
+    /// The broker had no queue to route the request to: no queue by the destination's name,
+    /// or none bound to its exchange for its routing key. No server has declared it.
     NoRoute {
-        /// The routing key (server queue) the request was published to.
-        queue: String,
+        /// Where the call went.
+        destination: Destination,
+    },
+
+    /// The call's exchange does not exist: no server has declared it. The request was not
+    /// sent (publishing to a missing exchange would close the channel every call shares).
+    NoExchange {
+        /// The exchange.
+        exchange: String,
     },
 
     /// The server answered with an error instead of a result.
@@ -174,9 +184,11 @@ impl Error {
         matches!(self, Error::NoServer { .. })
     }
 
-    /// True when no queue by the server queue's name exists.
+    /// True when nothing could take the request: no queue by the destination's name, none
+    /// bound for its routing key, or no such exchange ([`Error::NoRoute`],
+    /// [`Error::NoExchange`]).
     pub fn is_no_route(&self) -> bool {
-        matches!(self, Error::NoRoute { .. })
+        matches!(self, Error::NoRoute { .. } | Error::NoExchange { .. })
     }
 
     /// True when the connection to the broker is gone; the next call connects again.
@@ -235,6 +247,7 @@ impl Error {
             | Error::Blocked { .. }
             | Error::NoServer { .. }
             | Error::NoRoute { .. }
+            | Error::NoExchange { .. }
             | Error::ConnectionLost(_)
             | Error::Connect { .. }
             | Error::Overloaded { .. } => true,
@@ -304,14 +317,17 @@ impl fmt::Display for Error {
             Error::Tls { addr, reason } => write!(f, "TLS handshake with {addr} failed: {reason}"),
             Error::Timeout {
                 after,
-                queue,
+                destination,
                 state,
             } => {
                 write!(
                     f,
-                    "timed out after {:.3} s waiting for a reply from queue '{queue}'",
+                    "timed out after {:.3} s waiting for a reply from {destination}",
                     after.as_secs_f64()
                 )?;
+                if destination.queue_name().is_none() {
+                    return Ok(());
+                }
                 match state {
                     Some(QueueState {
                         consumers: 0,
@@ -329,29 +345,40 @@ impl fmt::Display for Error {
                 }
             }
             Error::Blocked {
-                queue,
+                destination,
                 reason,
                 after: Some(after),
             } => write!(
                 f,
-                "timed out after {:.3} s waiting for a reply from queue '{queue}'; the broker \
+                "timed out after {:.3} s waiting for a reply from {destination}; the broker \
                  was blocking this client's connection ({reason}), so the request may not have \
                  been sent",
                 after.as_secs_f64()
             ),
             Error::Blocked {
-                queue,
+                destination,
                 reason,
                 after: None,
             } => write!(
                 f,
-                "not sent to queue '{queue}': the broker is blocking this client's connection \
+                "not sent to {destination}: the broker is blocking this client's connection \
                  ({reason})"
             ),
             Error::NoServer { queue } => write!(f, "no server is consuming queue '{queue}'"),
-            Error::NoRoute { queue } => write!(
+            Error::NoRoute {
+                destination: Destination::Queue(queue),
+            } => write!(
                 f,
                 "no route to queue '{queue}': no server has declared it (is a server running?)"
+            ),
+            Error::NoRoute { destination } => write!(
+                f,
+                "no route to {destination}: no queue is bound for that routing key (is a \
+                 server running?)"
+            ),
+            Error::NoExchange { exchange } => write!(
+                f,
+                "no exchange '{exchange}': no server has declared it (is a server running?)"
             ),
             Error::Remote {
                 kind: Some(kind),
@@ -402,7 +429,7 @@ mod tests {
     #[test]
     fn a_blocked_call_says_it_timed_out_and_why_the_broker_blocked() {
         let blocked = |after| Error::Blocked {
-            queue: "q".into(),
+            destination: Destination::queue("q"),
             reason: "low on memory".into(),
             after,
         };
@@ -422,7 +449,7 @@ mod tests {
     fn a_timeout_says_it_timed_out_after_how_long_and_what_the_broker_knew() {
         let timeout = |state| Error::Timeout {
             after: Duration::from_millis(1500),
-            queue: "q".into(),
+            destination: Destination::queue("q"),
             state,
         };
         let nobody = timeout(Some(QueueState {

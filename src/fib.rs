@@ -7,6 +7,7 @@
 use num_bigint::BigUint;
 use num_traits::{One, Zero};
 
+use crate::error::Error;
 use crate::message::{HandlerError, Request};
 
 /// The largest `n` a server answers by default. fib(1,000,000) has 208,988 decimal digits.
@@ -48,6 +49,20 @@ pub fn reply_size(n: u64) -> usize {
     const LOG10_PHI: f64 = 0.208_987_640_249_978_73;
     // One more for the rounding of a product of about 10^19 in 53 bits.
     (n as f64 * LOG10_PHI) as usize + 2
+}
+
+/// Reads a reply body of the tutorial's wire format: fib(n) in decimal.
+///
+/// # Errors
+///
+/// [`Error::InvalidReply`] when the body is not a decimal number.
+pub fn parse_reply(body: &[u8]) -> Result<BigUint, Error> {
+    BigUint::parse_bytes(body, 10).ok_or_else(|| {
+        Error::InvalidReply(format!(
+            "expected a decimal number, got {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(40)])
+        ))
+    })
 }
 
 /// Parses a request body as the tutorial's wire format: a non-negative decimal integer.

@@ -1,14 +1,17 @@
 //! A blocking RPC client and server over RabbitMQ, in the shape of RabbitMQ's "RPC" tutorial.
 //!
 //! A service is a function from a [`Request`] (body, headers, properties) to a [`Reply`]; a
-//! server serves one or more queues, each with its own function and workers; a client sends a
-//! [`Call`] and blocks until the reply. With the `json` feature (on by default), bodies can be
-//! typed:
+//! server serves one or more queues, each with its own function and workers, reached by the
+//! queue's name or through exchanges; a client sends a [`Call`] to any of them
+//! ([`Call::to`]) and blocks until the reply. With the `json` feature (on by default), bodies
+//! can be typed:
 //!
 //! ```no_run
 //! # #[cfg(feature = "json")]
 //! # fn main() -> amqp_rpc::Result<()> {
-//! use amqp_rpc::{Call, Client, ClientOptions, HandlerError, QueueOptions, Request, Server, json};
+//! use amqp_rpc::{
+//!     Binding, Call, Client, Destination, HandlerError, QueueOptions, Request, Server, fib, json,
+//! };
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -25,14 +28,21 @@
 //!             Ok(Receipt { accepted: order.quantity > 0, for_tenant: tenant.to_string() })
 //!         },
 //!     ))
+//!     // Also reached through the topic exchange "services", with routing key "math.fib".
+//!     .serve("math.fib", QueueOptions {
+//!         bindings: vec![Binding::topic("services", "math.fib")],
+//!         ..QueueOptions::default()
+//!     }, |request: &Request| fib::handle_request(request.body(), fib::DEFAULT_MAX_N))
 //!     .start()?;
 //!
-//! let options = ClientOptions { queue: "shop.order".into(), ..ClientOptions::default() };
-//! let client = Client::with_options(url, options)?;
+//! // One client calls both: each call names where it goes.
+//! let client = Client::connect(url)?;
 //! let order = Order { item: "tea".into(), quantity: 2 };
-//! let reply = client.send(&Call::json(&order)?.with_header("x-tenant", "acme"))?;
+//! let reply = client.send(&Call::json(&order)?.to("shop.order").with_header("x-tenant", "acme"))?;
 //! let receipt: Receipt = reply.json()?;
 //! assert!(receipt.accepted);
+//! let fib = client.send(&Call::new("30").to(Destination::exchange("services", "math.fib")))?;
+//! assert_eq!(fib.body(), b"832040");
 //!
 //! client.close()?;
 //! server.shutdown()
@@ -123,6 +133,7 @@ mod client_options;
 mod connect;
 mod consumer;
 mod deliveries;
+mod destination;
 mod endpoint;
 mod error;
 pub mod fib;
@@ -131,6 +142,7 @@ mod inbound;
 #[cfg(feature = "json")]
 pub mod json;
 mod message;
+mod probe;
 mod server;
 mod session;
 mod stats;
@@ -140,6 +152,7 @@ mod wire;
 pub use client::Client;
 pub use client_options::{ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
 pub use connect::{AMIQUIP_HANDSHAKE_LOG_TARGET, ConnectOptions, DEFAULT_URL, TlsOptions};
+pub use destination::{Binding, Destination, ExchangeKind};
 pub use error::{Error, QueueState, Result};
 pub use headers::{HeaderValue, Headers, MAX_HEADER_DEPTH, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};

@@ -6,19 +6,23 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::destination::Destination;
 use crate::headers::{HeaderValue, Headers, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 
-/// A request as a client sends it: a body and optional metadata.
+/// A request as a client sends it: a body, optional metadata, and where it goes when not to
+/// the client's default queue.
 ///
 /// ```
-/// use amqp_rpc::Call;
-/// use std::time::{Duration, SystemTime};
+/// use amqp_rpc::{Call, Destination};
+/// use std::time::Duration;
 ///
 /// let call = Call::new("hello")
+///     .to("greeter")
 ///     .with_header("x-tenant", "acme")
 ///     .with_content_type("text/plain")
 ///     .with_timeout(Duration::from_secs(2));
 /// assert_eq!(call.body(), b"hello");
+/// assert_eq!(call.destination(), Some(&Destination::queue("greeter")));
 /// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Call {
@@ -29,6 +33,7 @@ pub struct Call {
     pub(crate) message_type: Option<String>,
     pub(crate) message_id: Option<String>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) destination: Option<Destination>,
 }
 
 impl Call {
@@ -38,6 +43,14 @@ impl Call {
             body: body.into(),
             ..Call::default()
         }
+    }
+
+    /// Sends the call to `destination` instead of the client's default queue
+    /// ([`crate::ClientOptions::queue`]): a queue by name (`.to("math.fib")`), or an exchange
+    /// with a routing key ([`Destination::exchange`]).
+    pub fn to(mut self, destination: impl Into<Destination>) -> Call {
+        self.destination = Some(destination.into());
+        self
     }
 
     /// Adds (or replaces) header `name`.
@@ -95,6 +108,12 @@ impl Call {
     /// The timeout set with [`Call::with_timeout`], if any.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
+    }
+
+    /// The destination set with [`Call::to`], if any; without one the call goes to the
+    /// client's default queue.
+    pub fn destination(&self) -> Option<&Destination> {
+        self.destination.as_ref()
     }
 }
 

@@ -27,14 +27,15 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use amiquip::{
-    AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, FieldTable,
-    Publish, QueueDeclareOptions,
+    AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
+    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select, unbounded};
 use log::{debug, info, trace, warn};
 
 use crate::connect::{self, Brokers, ConnectOptions, Connected, without_password};
 use crate::deliveries::{self, DeliveryCounter};
+use crate::destination::{Binding, ExchangeKind};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::headers::{HeaderValue, MAX_HEADER_DEPTH};
@@ -161,6 +162,12 @@ pub struct QueueOptions {
     /// ones (`amq.gen-*`, the tutorial's) and direct reply-to (`amq.rabbitmq.reply-to*`). Add
     /// patterns for peers that name their reply queues.
     pub reply_to: Vec<String>,
+    /// Exchanges the queue is bound to, besides the default exchange (which routes by the
+    /// queue's name): callers reach it through any of them with a matching routing key
+    /// ([`crate::Destination::exchange`]). The server declares each exchange (durable, of the
+    /// binding's kind: topic unless told otherwise) and binding at start and after each lost
+    /// connection, as it does the queue. Default: none.
+    pub bindings: Vec<Binding>,
 }
 
 /// The default [`QueueOptions::reply_to`]: server-named queues and direct reply-to.
@@ -190,6 +197,7 @@ impl Default for QueueOptions {
             dead_letter_routing_key: None,
             max_body: DEFAULT_MAX_BODY,
             reply_to: DEFAULT_REPLY_TO.map(String::from).to_vec(),
+            bindings: Vec::new(),
         }
     }
 }
@@ -356,8 +364,9 @@ impl ServerBuilder {
     ///
     /// [`Error::Config`] for bad options (no queue, a queue served twice, zero workers or
     /// prefetch), a bad URL or refused credentials; [`Error::Connect`] when the broker cannot
-    /// be reached; [`Error::Amqp`] when it refuses a queue (declared elsewhere with other
-    /// arguments, for example). Once started, the server reconnects on its own instead.
+    /// be reached; [`Error::Refused`] when it refuses a queue, an exchange or a binding
+    /// (declared elsewhere with other arguments, or outside the user's permissions: its reason
+    /// says which). Once started, the server reconnects on its own instead.
     pub fn start(self) -> Result<Server> {
         validate(&self.services)?;
         let brokers = Arc::new(Brokers::parse(&self.urls)?);
@@ -1021,8 +1030,42 @@ fn declare_queue(connection: &mut Connection, service: &Service) -> Result<()> {
         "declared {:?} queue '{}'",
         service.options.queue_type, service.queue
     );
+    for binding in &service.options.bindings {
+        // Durable, as nameko and most services declare their exchanges: every declaration of
+        // one must agree, or the broker refuses it.
+        channel.exchange_declare(
+            exchange_type(binding.kind),
+            binding.exchange.as_str(),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+        )?;
+        channel.queue_bind(
+            service.queue.as_str(),
+            binding.exchange.as_str(),
+            binding.routing_key.as_str(),
+            FieldTable::new(),
+        )?;
+        debug!(
+            "bound queue '{}' to {} exchange '{}' for '{}'",
+            service.queue,
+            binding.kind.as_str(),
+            binding.exchange,
+            binding.routing_key
+        );
+    }
     channel.close()?;
     Ok(())
+}
+
+fn exchange_type(kind: ExchangeKind) -> ExchangeType {
+    match kind {
+        ExchangeKind::Topic => ExchangeType::Topic,
+        ExchangeKind::Direct => ExchangeType::Direct,
+        ExchangeKind::Fanout => ExchangeType::Fanout,
+        ExchangeKind::Headers => ExchangeType::Headers,
+    }
 }
 
 /// How the server queue is declared; see [`QueueType`].

@@ -52,8 +52,10 @@ use uuid::Uuid;
 
 use crate::client_options::{ClientOptions, ReplyRoute};
 use crate::connect::{self, Brokers, Connected};
+use crate::destination::Destination;
 use crate::error::{Error, QueueState, Result};
 use crate::message::{Call, Reply};
+use crate::probe::Probe;
 use crate::stats::ClientCounters;
 use crate::sync::{lock, wait_timeout};
 use crate::wire::{self, DIRECT_REPLY_TO};
@@ -394,9 +396,14 @@ impl Publisher {
         }
     }
 
-    /// Publishes `publish` once it is this caller's turn, or returns `Ok(false)`, not sent,
-    /// when the turn has not come by `deadline`.
-    fn publish(&self, publish: Publish, deadline: Instant) -> amiquip::Result<bool> {
+    /// Publishes `publish` to `exchange` once it is this caller's turn, or returns
+    /// `Ok(false)`, not sent, when the turn has not come by `deadline`.
+    fn publish(
+        &self,
+        exchange: &str,
+        publish: Publish,
+        deadline: Instant,
+    ) -> amiquip::Result<bool> {
         {
             let mut turn = lock(&self.turn);
             while turn.publishing_until.is_some() {
@@ -410,7 +417,7 @@ impl Publisher {
             }
             turn.publishing_until = Some(deadline);
         }
-        let published = lock(&self.channel).basic_publish("", publish);
+        let published = lock(&self.channel).basic_publish(exchange, publish);
         let waiting = {
             let mut turn = lock(&self.turn);
             turn.publishing_until = None;
@@ -440,20 +447,14 @@ pub(crate) struct Session {
     /// The connection's TCP socket, for a close the broker does not confirm to cut.
     socket: TcpStream,
     reply_to: String,
-    /// The server queue, as the routing key of requests.
-    queue: String,
     shared: Arc<Shared>,
-    /// For asking the broker about the server queue.
-    probe: Mutex<Probe>,
+    /// For asking the broker about the queues and exchanges calls go to.
+    probe: Probe,
     /// Whether the broker blocks this connection, from its notifications.
     blocks: Blocks,
     /// The connection's user, which requests carry as `user_id`, when known.
     user: Option<String>,
 }
-
-/// How long an answer of [`Session::queue_state`] is reused: the broker is asked at most this
-/// often per session, so two answers are always at least this far apart.
-pub(crate) const QUEUE_STATE_FRESH: Duration = Duration::from_secs(1);
 
 /// The broker's `connection.blocked` and `connection.unblocked` notifications, read when a
 /// call starts or times out, and what the latest one said.
@@ -463,31 +464,6 @@ struct Blocks {
     blocked: AtomicBool,
     /// Why the broker blocks the connection, while it does.
     reason: Mutex<Option<String>>,
-}
-
-/// How long [`Session::queue_state`] waits for the broker's answer. A broker that answers at
-/// all answers a passive declare within milliseconds; one that has stopped answering without
-/// closing the connection (a paused machine, a network that TCP has not yet seen fail, a
-/// block that began while the question was out) would otherwise hold a call that timed out
-/// until its heartbeat ran out or the broker came back.
-const QUEUE_STATE_WAIT: Duration = Duration::from_millis(250);
-
-/// A passive declare's answer, with the channel it was asked on (none when no channel could
-/// be opened).
-type Answer = (Option<Channel>, amiquip::Result<Option<QueueState>>);
-
-/// A channel for passive declares of the server queue, and the last answer.
-#[derive(Default)]
-struct Probe {
-    /// The channel, while no question is out on it.
-    channel: Option<Channel>,
-    /// When a question that outlasted [`QUEUE_STATE_WAIT`] was asked, and where its answer
-    /// will come, with the channel; the next look takes that answer instead of asking again,
-    /// but waits for it only until [`QUEUE_STATE_WAIT`] after the question. Each look holds
-    /// the lock while it waits, so that with eight threads timing out together on a broker
-    /// that had stopped answering, the last one waited eight times as long (2 s).
-    out: Option<(Instant, Receiver<Answer>)>,
-    last: Option<(Instant, QueueState)>,
 }
 
 impl Session {
@@ -557,14 +533,14 @@ impl Session {
             .spawn(move || drain_while_idle(&idle, &watched, socket_to_cut.as_ref()))
             .map_err(|e| Error::Internal(format!("cannot start the client's idle thread: {e}")))?;
         debug!("client ready, replies to {reply_to}");
+        let connection = Arc::new(Mutex::new(Some(connection)));
         Ok(Session {
             publisher,
-            connection: Arc::new(Mutex::new(Some(connection))),
+            probe: Probe::new(Arc::clone(&connection)),
+            connection,
             socket,
             reply_to,
-            queue: options.queue.clone(),
             shared,
-            probe: Mutex::default(),
             blocks,
             user,
         })
@@ -573,6 +549,11 @@ impl Session {
     /// True once the session can carry no more calls.
     pub(crate) fn is_broken(&self) -> bool {
         self.shared.awaited().broken.is_some()
+    }
+
+    /// Why the session can carry no more calls, once it cannot.
+    pub(crate) fn broken(&self) -> Option<Error> {
+        self.shared.awaited().broken.clone()
     }
 
     /// Registers `calls` (each with its index in the caller's batch and its deadline)
@@ -585,7 +566,7 @@ impl Session {
     /// caller holds no role.
     pub(crate) fn start<'c>(
         &self,
-        calls: impl ExactSizeIterator<Item = (usize, &'c Call, Instant)>,
+        calls: impl ExactSizeIterator<Item = (usize, &'c Call, &'c Destination, Instant)>,
         mailbox: &Arc<Mailbox>,
     ) -> Result<(Vec<String>, Role)> {
         let role;
@@ -598,14 +579,14 @@ impl Session {
                 return Err(error.clone());
             }
             awaited.last_call = Some(Instant::now());
-            for (index, call, deadline) in calls {
+            for (index, call, destination, deadline) in calls {
                 let id = Uuid::new_v4().to_string();
                 let waiter = Waiter {
                     mailbox: Arc::clone(mailbox),
                     index,
                 };
                 awaited.calls.insert(id.clone(), waiter);
-                requests.push((call, deadline));
+                requests.push((call, destination, deadline));
                 ids.push(id);
             }
             role = if awaited.reading {
@@ -619,8 +600,8 @@ impl Session {
                 Role::Reader
             };
         }
-        for ((call, deadline), id) in requests.into_iter().zip(&ids) {
-            if let Err(error) = self.publish(call, id, deadline) {
+        for ((call, destination, deadline), id) in requests.into_iter().zip(&ids) {
+            if let Err(error) = self.publish(call, destination, id, deadline) {
                 // The idle thread's reason, when it cut a publish that was stuck.
                 let error = self.shared.break_with(error);
                 self.leave(role, &ids, mailbox);
@@ -630,9 +611,16 @@ impl Session {
         Ok((ids, role))
     }
 
-    /// Publishes a request, with the time its call has left, unless the call's `deadline` passes
-    /// before its turn comes (see [`Publisher`]): it then stays unsent, and the call times out.
-    fn publish(&self, call: &Call, correlation_id: &str, deadline: Instant) -> Result<()> {
+    /// Publishes a request to `destination`, with the time its call has left, unless the
+    /// call's `deadline` passes before its turn comes (see [`Publisher`]): it then stays
+    /// unsent, and the call times out.
+    fn publish(
+        &self,
+        call: &Call,
+        destination: &Destination,
+        correlation_id: &str,
+        deadline: Instant,
+    ) -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut properties = wire::request_properties(call, &self.reply_to, correlation_id, left);
         if let Some(user) = &self.user {
@@ -640,13 +628,16 @@ impl Session {
         }
         let publish = Publish {
             body: &call.body,
-            routing_key: self.queue.clone(),
+            routing_key: destination.routing_key().to_string(),
             mandatory: true,
             immediate: false,
             properties,
         };
-        if self.publisher.publish(publish, deadline)? {
-            trace!("published request {correlation_id} to {}", self.queue);
+        if self
+            .publisher
+            .publish(destination.exchange_name(), publish, deadline)?
+        {
+            trace!("published request {correlation_id} to {destination}");
         } else {
             debug!(
                 "request {correlation_id} not sent: its deadline passed while another request \
@@ -696,99 +687,22 @@ impl Session {
         reason.clone()
     }
 
-    /// What the broker says of the server queue now: its consumers and waiting requests.
-    /// Asked at most once a second per session (a passive declare on a channel of its own,
-    /// since a passive declare of a missing queue closes its channel); `None` when the broker
-    /// cannot say, does not answer within [`QUEUE_STATE_WAIT`], or blocks the connection (see
+    /// What the broker says of `queue` now: its consumers and waiting requests (see
+    /// [`Probe::queue_state`]); `None` when it cannot say, or blocks the connection (see
     /// [`Session::blocked`]), when it would not answer until the block lifts.
-    pub(crate) fn queue_state(&self) -> Option<QueueState> {
+    pub(crate) fn queue_state(&self, queue: &str) -> Option<QueueState> {
         if self.blocked().is_some() {
             return None;
         }
-        let mut probe = lock(&self.probe);
-        if let Some((asked, state)) = probe.last
-            && asked.elapsed() < QUEUE_STATE_FRESH
-        {
-            return Some(state);
-        }
-        let (asked, answer) = match probe.out.take() {
-            Some(out) => out,
-            None => (Instant::now(), self.ask(probe.channel.take())?),
-        };
-        match answer.recv_deadline(asked + QUEUE_STATE_WAIT) {
-            Ok((channel, Ok(state))) => {
-                probe.channel = channel;
-                if let Some(state) = state {
-                    trace!("queue '{}': {state:?}", self.queue);
-                    probe.last = Some((Instant::now(), state));
-                }
-                state
-            }
-            // The channel is closed after a failed passive declare: another is opened next
-            // time, and this one dropped.
-            Ok((_, Err(error))) => {
-                debug!(
-                    "cannot ask the broker about queue '{}': {error}",
-                    self.queue
-                );
-                None
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                debug!(
-                    "the broker has not said within {} s how queue '{}' stands",
-                    QUEUE_STATE_WAIT.as_secs_f64(),
-                    self.queue
-                );
-                probe.out = Some((asked, answer));
-                None
-            }
-            Err(RecvTimeoutError::Disconnected) => None,
-        }
+        self.probe.queue_state(queue)
     }
 
-    /// Asks the broker about the server queue on `channel`, or on a new channel, from a thread
-    /// of its own so that the asker can stop waiting: amiquip's calls wait for the broker
-    /// without a bound, opening a channel too. The answer comes with the channel once the
-    /// broker answers or the connection ends.
-    fn ask(&self, channel: Option<Channel>) -> Option<Receiver<Answer>> {
-        let connection = Arc::clone(&self.connection);
-        let queue = self.queue.clone();
-        let (tell, answer) = crossbeam_channel::bounded(1);
-        let asked = thread::Builder::new()
-            .name("rpc-client-probe".into())
-            .spawn(move || {
-                let opened = match channel {
-                    Some(channel) => Ok(channel),
-                    None => match lock(&connection).as_mut() {
-                        Some(connection) => connection.open_channel(None),
-                        None => Err(amiquip::Error::ClientClosedConnection),
-                    },
-                };
-                let answer = match opened {
-                    Ok(channel) => {
-                        let state = channel.queue_declare_passive(queue.as_str()).map(|queue| {
-                            Some(QueueState {
-                                consumers: queue.declared_consumer_count()?,
-                                waiting: queue.declared_message_count()?,
-                            })
-                        });
-                        (Some(channel), state)
-                    }
-                    Err(error) => (None, Err(error)),
-                };
-                // The asker may be gone, with its session: the channel is dropped here then.
-                let _ = tell.send(answer);
-            });
-        match asked {
-            Ok(_) => Some(answer),
-            Err(error) => {
-                debug!(
-                    "cannot start a thread to ask about queue '{}': {error}",
-                    self.queue
-                );
-                None
-            }
+    /// Whether `exchange` exists (see [`Probe::exchange_exists`]).
+    pub(crate) fn exchange_exists(&self, exchange: &str, deadline: Instant) -> Option<bool> {
+        if self.blocked().is_some() {
+            return None;
         }
+        self.probe.exchange_exists(exchange, deadline)
     }
 
     /// Ends a caller's wait: forgets its calls still awaited (`ids`), and passes the reader
@@ -821,16 +735,11 @@ impl Session {
     /// [`Error::ConnectionLost`] or [`Error::Amqp`] when the broker does not confirm the
     /// close.
     pub(crate) fn close(&self) -> Result<()> {
-        let probe = lock(&self.probe).channel.take();
         self.shared
             .break_with(Error::lost(amiquip::Error::ClientClosedConnection));
         // A question to the broker may hold the connection, opening a channel.
         let connection = Arc::clone(&self.connection);
-        let closed = connect::close_when_free(move || lock(&connection).take(), &self.socket);
-        // Dropped once the connection is closed: closing the channel first would wait for a
-        // broker that blocks the connection, as long as the alarm lasts.
-        drop(probe);
-        closed
+        connect::close_when_free(move || lock(&connection).take(), &self.socket)
     }
 }
 
@@ -1015,7 +924,7 @@ fn reply_outcome(delivery: Delivery, max_reply: usize) -> (String, Result<Reply>
     (id, outcome)
 }
 
-/// A request the broker could not route: no queue by that name.
+/// A request the broker could not route: no queue by that name, or none bound for its key.
 fn returned_outcome(returned: Return) -> (String, Result<Reply>) {
     let id = returned
         .properties
@@ -1023,12 +932,8 @@ fn returned_outcome(returned: Return) -> (String, Result<Reply>) {
         .clone()
         .unwrap_or_default();
     debug!("request {id} returned: {}", returned.reply_text);
-    (
-        id,
-        Err(Error::NoRoute {
-            queue: returned.routing_key,
-        }),
-    )
+    let destination = Destination::published_to(&returned.exchange, &returned.routing_key);
+    (id, Err(Error::NoRoute { destination }))
 }
 
 /// Explains why the reply consumer stopped delivering.

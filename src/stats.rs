@@ -99,7 +99,7 @@ impl LatencyRecorder {
 pub struct ErrorCounts {
     /// [`Error::Timeout`], and [`Error::Blocked`] for calls that were sent and timed out.
     pub timeout: u64,
-    /// [`Error::NoRoute`].
+    /// [`Error::NoRoute`] and [`Error::NoExchange`].
     pub no_route: u64,
     /// [`Error::NoServer`].
     pub no_server: u64,
@@ -228,7 +228,7 @@ impl ClientCounters {
                 &self.remote[kind_index(*kind)]
             }
             Err(Error::Timeout { .. } | Error::Blocked { after: Some(_), .. }) => &self.timeout,
-            Err(Error::NoRoute { .. }) => &self.no_route,
+            Err(Error::NoRoute { .. } | Error::NoExchange { .. }) => &self.no_route,
             Err(Error::NoServer { .. }) => &self.no_server,
             Err(Error::ConnectionLost(_)) => &self.connection_lost,
             Err(Error::Overloaded { .. }) => &self.overloaded,
@@ -627,7 +627,9 @@ mod tests {
             kind: Some(FailureKind::BadRequest),
             message: String::new(),
         }));
-        counters.count::<()>(&Err(Error::NoRoute { queue: "q".into() }));
+        counters.count::<()>(&Err(Error::NoRoute {
+            destination: crate::Destination::queue("q"),
+        }));
         let stats = counters.snapshot();
         assert_eq!((stats.calls, stats.replies), (3, 2));
         assert_eq!(stats.errors.remote.bad_request, 1);

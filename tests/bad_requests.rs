@@ -165,7 +165,7 @@ fn a_call_to_a_queue_nobody_declared_fails_at_once_with_no_route() {
     let started = Instant::now();
     let error = client.call(b"30").unwrap_err();
     assert!(
-        matches!(&error, Error::NoRoute { queue: routed } if *routed == queue),
+        matches!(&error, Error::NoRoute { destination } if *destination == amqp_rpc::Destination::queue(&queue)),
         "{error:?}"
     );
     // Returned by the broker, not given up on after the call's 10 s timeout.

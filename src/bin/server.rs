@@ -5,7 +5,9 @@ mod common;
 use std::io::Write;
 use std::process::ExitCode;
 
-use amqp_rpc::{QueueOptions, QueueType, Request, Server, ServerOptions, fib};
+use amqp_rpc::{
+    Binding, ExchangeKind, QueueOptions, QueueType, Request, Server, ServerOptions, fib,
+};
 use clap::Parser;
 use log::debug;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -17,6 +19,20 @@ use signal_hook::iterator::Signals;
 struct Args {
     #[command(flatten)]
     broker: common::BrokerArgs,
+
+    /// The queue to serve.
+    #[arg(long, env = "RPC_QUEUE", default_value = amqp_rpc::DEFAULT_QUEUE)]
+    queue: String,
+
+    /// Also bind the queue to EXCHANGE for requests with routing key KEY (a pattern, for a
+    /// topic exchange); repeatable. The server declares the exchange (durable, of
+    /// --exchange-type) and the binding.
+    #[arg(long = "bind", value_name = "EXCHANGE:KEY", value_parser = parse_binding)]
+    bindings: Vec<(String, String)>,
+
+    /// The kind of exchange --bind declares.
+    #[arg(long, value_enum, default_value_t = ExchangeArg::Topic)]
+    exchange_type: ExchangeArg,
 
     /// Worker threads, each with its own channel [default: two per CPU core, at least 4].
     #[arg(long, env = "RPC_WORKERS")]
@@ -74,6 +90,26 @@ struct Args {
     drain_timeout: f64,
 }
 
+/// `--exchange-type` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ExchangeArg {
+    Topic,
+    Direct,
+    Fanout,
+    Headers,
+}
+
+fn parse_binding(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((exchange, key)) if !exchange.is_empty() => {
+            Ok((exchange.to_string(), key.to_string()))
+        }
+        _ => Err(format!(
+            "'{text}' is not EXCHANGE:KEY (an exchange's name, a colon, a key)"
+        )),
+    }
+}
+
 /// `--queue-type` values.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum QueueKind {
@@ -102,6 +138,20 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
             .into_iter()
             .chain(args.allow_reply_to)
             .collect(),
+        bindings: args
+            .bindings
+            .into_iter()
+            .map(|(exchange, routing_key)| Binding {
+                exchange,
+                routing_key,
+                kind: match args.exchange_type {
+                    ExchangeArg::Topic => ExchangeKind::Topic,
+                    ExchangeArg::Direct => ExchangeKind::Direct,
+                    ExchangeArg::Fanout => ExchangeKind::Fanout,
+                    ExchangeArg::Headers => ExchangeKind::Headers,
+                },
+            })
+            .collect(),
     };
     let mut options = ServerOptions {
         drain_timeout: common::seconds(args.drain_timeout),
@@ -117,17 +167,13 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     let max_n = args.max_n;
     let server = Server::builder(&args.broker.url_list())
         .options(options)
-        .serve(
-            &args.broker.queue,
-            queue_options,
-            move |request: &Request| {
-                debug!(
-                    " [.] fib({})",
-                    String::from_utf8_lossy(request.body()).trim()
-                );
-                fib::handle_request(request.body(), max_n)
-            },
-        )
+        .serve(&args.queue, queue_options, move |request: &Request| {
+            debug!(
+                " [.] fib({})",
+                String::from_utf8_lossy(request.body()).trim()
+            );
+            fib::handle_request(request.body(), max_n)
+        })
         .start()?;
     // A closed stdout (a supervisor that stopped reading) must not stop a running server.
     let mut stdout = std::io::stdout();

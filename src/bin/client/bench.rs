@@ -1,10 +1,12 @@
-//! `client --bench`: many calls from several threads, with several in flight per thread.
+//! `client --bench`: many calls from several threads, with several in flight per thread, to
+//! one destination or spread over several.
 //!
 //! Every thread calls through a clone of one [`Client`], the way a program with many calling
 //! threads should. With `inflight` above 1 a thread sends its calls in batches of that size
-//! with [`Client::call_many`], and every call of a batch is counted with the batch's
-//! latency. Errors are counted, not fatal: a call that fails is followed by the next (which
-//! reconnects if the connection was lost).
+//! with [`Client::send_many`], and every call of a batch is counted with the batch's
+//! latency. With several destinations, each thread's calls go to each in turn. Errors are
+//! counted, not fatal: a call that fails is followed by the next (which reconnects if the
+//! connection was lost).
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Client, ClientOptions, ClientStats, Error, Result};
+use amqp_rpc::{Call, Client, ClientOptions, ClientStats, Destination, Error, Result};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -28,6 +30,8 @@ pub struct BenchOptions {
     /// The reply every call must get; a different one counts as an error (and as mismatched).
     /// `None` accepts any reply.
     pub expected_reply: Option<Vec<u8>>,
+    /// Where the calls go, in turn; none: the client's default queue.
+    pub destinations: Vec<Destination>,
 }
 
 /// What a run measured.
@@ -47,6 +51,8 @@ pub struct BenchReport {
     pub latencies_us: Vec<u64>,
     /// What the shared client counted.
     pub stats: ClientStats,
+    /// Per destination, in [`BenchOptions::destinations`] order, when there are several.
+    pub destinations: Vec<(Destination, BenchReport)>,
 }
 
 impl BenchReport {
@@ -80,7 +86,8 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// Runs the benchmark against the server queue named in `client`. `progress` is called from
+/// Runs the benchmark against the server queue named in `client`, or the destinations of
+/// `options`. `progress` is called from
 /// the calling thread ten times a second with (calls done, calls in all).
 ///
 /// # Errors
@@ -108,10 +115,10 @@ pub fn run(
                 + usize::from(index < options.calls % options.threads);
             let (client, options) = (shared.clone(), options.clone());
             let (connected, done) = (Arc::clone(&connected), Arc::clone(&done));
-            thread::spawn(move || -> (Tally, Instant) {
+            thread::spawn(move || -> (Vec<Tally>, Instant) {
                 connected.wait();
-                let tally = call_repeatedly(&client, share, &options, &done);
-                (tally, Instant::now())
+                let tallies = call_repeatedly(&client, index, share, &options, &done);
+                (tallies, Instant::now())
             })
         })
         .collect();
@@ -124,57 +131,104 @@ pub fn run(
     progress(done.load(Ordering::Relaxed), options.calls);
     // The run ends when its last thread does, not when this loop next looks.
     let mut finished = started;
-    let mut total = Tally::default();
+    let mut per_destination: Vec<Tally> = Vec::new();
     for worker in workers {
-        let (tally, thread_finished) = worker.join().expect("a benchmark thread panicked");
-        total.errors += tally.errors;
-        total.connection_errors += tally.connection_errors;
-        total.mismatched += tally.mismatched;
-        total.latencies_us.extend(tally.latencies_us);
+        let (tallies, thread_finished) = worker.join().expect("a benchmark thread panicked");
+        per_destination.resize_with(tallies.len(), Tally::default);
+        for (sum, tally) in per_destination.iter_mut().zip(tallies) {
+            sum.add(tally);
+        }
         finished = finished.max(thread_finished);
     }
-    total.latencies_us.sort_unstable();
-    Ok(BenchReport {
-        calls: options.calls,
-        errors: total.errors,
-        connection_errors: total.connection_errors,
-        mismatched: total.mismatched,
-        elapsed: finished - started,
-        latencies_us: total.latencies_us,
-        stats: shared.stats(),
-    })
+    let elapsed = finished - started;
+    let stats = shared.stats();
+    let mut total = Tally::default();
+    let mut destinations = Vec::new();
+    for (destination, tally) in options.destinations.iter().zip(&per_destination) {
+        destinations.push((destination.clone(), tally.report(elapsed, stats)));
+    }
+    for tally in per_destination {
+        total.add(tally);
+    }
+    let mut report = total.report(elapsed, stats);
+    if destinations.len() > 1 {
+        report.destinations = destinations;
+    }
+    Ok(report)
 }
 
-/// What one thread saw.
+/// What one thread saw of the calls to one destination, or what all saw.
 #[derive(Default)]
 struct Tally {
+    calls: usize,
     errors: usize,
     connection_errors: usize,
     mismatched: usize,
     latencies_us: Vec<u64>,
 }
 
-/// Makes `calls` calls, `inflight` at a time.
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.connection_errors += other.connection_errors;
+        self.mismatched += other.mismatched;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    fn report(&self, elapsed: Duration, stats: ClientStats) -> BenchReport {
+        let mut latencies_us = self.latencies_us.clone();
+        latencies_us.sort_unstable();
+        BenchReport {
+            calls: self.calls,
+            errors: self.errors,
+            connection_errors: self.connection_errors,
+            mismatched: self.mismatched,
+            elapsed,
+            latencies_us,
+            stats,
+            destinations: Vec::new(),
+        }
+    }
+}
+
+/// Makes `calls` calls, `inflight` at a time, from thread number `thread`: one tally per
+/// destination (one when the calls go to the client's default).
 fn call_repeatedly(
     client: &Client,
+    thread: usize,
     calls: usize,
     options: &BenchOptions,
     done: &AtomicUsize,
-) -> Tally {
+) -> Vec<Tally> {
     let timeout = client.options().timeout;
-    let mut tally = Tally {
-        latencies_us: Vec::with_capacity(calls),
-        ..Tally::default()
-    };
+    let destinations = options.destinations.len().max(1);
+    let mut tallies: Vec<Tally> = (0..destinations).map(|_| Tally::default()).collect();
+    // Each thread starts at another destination, so that the first calls spread too.
+    let mut next = thread;
     let mut remaining = calls;
     while remaining > 0 {
         let batch = remaining.min(options.inflight);
-        let requests = vec![options.request.as_slice(); batch];
+        let mut targets = Vec::with_capacity(batch);
+        let requests: Vec<Call> = (0..batch)
+            .map(|_| {
+                let target = next % destinations;
+                next += 1;
+                targets.push(target);
+                let call = Call::new(options.request.clone()).with_timeout(timeout);
+                match options.destinations.get(target) {
+                    Some(destination) => call.to(destination.clone()),
+                    None => call,
+                }
+            })
+            .collect();
         let started = Instant::now();
-        let outcomes = client.call_many(&requests, timeout);
+        let outcomes = client.send_many(&requests);
         let latency = started.elapsed().as_micros() as u64;
-        for outcome in outcomes {
-            match outcome {
+        for (outcome, target) in outcomes.into_iter().zip(targets) {
+            let tally = &mut tallies[target];
+            tally.calls += 1;
+            match outcome.map(amqp_rpc::Reply::into_body) {
                 Ok(reply) if options.expected_reply.as_ref().is_some_and(|e| *e != reply) => {
                     log::debug!("benchmark call got a wrong reply");
                     tally.errors += 1;
@@ -193,5 +247,5 @@ fn call_repeatedly(
         remaining -= batch;
         done.fetch_add(batch, Ordering::Relaxed);
     }
-    tally
+    tallies
 }

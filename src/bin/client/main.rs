@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use amqp_rpc::{Call, Client, ClientOptions, ReplyRoute, fib};
+use amqp_rpc::{Call, Client, ClientOptions, Destination, ReplyRoute, fib};
 use bench::BenchOptions;
 use clap::Parser;
 
@@ -20,6 +20,24 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     broker: common::BrokerArgs,
+
+    /// The server queue. With --bench, give it several times (RPC_QUEUE: comma-separated) to
+    /// spread the calls over several queues from one client, each reported on its own line.
+    #[arg(
+        long = "queue",
+        env = "RPC_QUEUE",
+        default_value = amqp_rpc::DEFAULT_QUEUE,
+        value_delimiter = ','
+    )]
+    queues: Vec<String>,
+
+    /// Call through this exchange instead of a queue, with --routing-key.
+    #[arg(long, env = "RPC_EXCHANGE", requires = "routing_key")]
+    exchange: Option<String>,
+
+    /// With --exchange: the routing key of the calls.
+    #[arg(long, env = "RPC_ROUTING_KEY", requires = "exchange")]
+    routing_key: Option<String>,
 
     /// Seconds to wait for a reply before giving up; connecting takes at most as long (and at
     /// most 5).
@@ -113,8 +131,13 @@ fn main() -> ExitCode {
 fn run(args: Args) -> amqp_rpc::Result<()> {
     let timeout = common::seconds(args.timeout);
     let connect = amqp_rpc::ConnectOptions::default();
+    if args.queues.len() > 1 && !args.bench {
+        return Err(amqp_rpc::Error::Config(
+            "several --queue are for --bench; a call goes to one".into(),
+        ));
+    }
     let options = ClientOptions {
-        queue: args.broker.queue.clone(),
+        queue: args.queues[0].clone(),
         timeout,
         no_server_grace: common::seconds(args.no_server_grace),
         server_user: args.server_user.clone(),
@@ -146,11 +169,21 @@ fn run(args: Args) -> amqp_rpc::Result<()> {
     }
 }
 
+/// Where the calls go: the exchange, or each queue given.
+fn destinations(args: &Args) -> Vec<Destination> {
+    match (&args.exchange, &args.routing_key) {
+        (Some(exchange), Some(key)) => vec![Destination::exchange(exchange, key)],
+        _ => args.queues.iter().map(Destination::queue).collect(),
+    }
+}
+
 /// The tutorial's client: asks for fib(n) and prints it.
 fn call_fib(args: &Args, n: u64, options: ClientOptions) -> amqp_rpc::Result<()> {
     let client = Client::with_options(&args.broker.url_list(), options)?;
     println!(" [x] Requesting fib({n})");
-    let answer = client.fib(n)?;
+    let call = Call::new(n.to_string()).to(destinations(args).remove(0));
+    let reply = client.send(&call)?;
+    let answer = fib::parse_reply(reply.body())?;
     println!(" [.] Got {answer}");
     client.close()
 }
@@ -158,7 +191,7 @@ fn call_fib(args: &Args, n: u64, options: ClientOptions) -> amqp_rpc::Result<()>
 /// Sends `body` with the headers and content type given, and prints the reply body as it is.
 fn call_any(args: &Args, body: &str, options: ClientOptions) -> amqp_rpc::Result<()> {
     let client = Client::with_options(&args.broker.url_list(), options)?;
-    let mut call = Call::new(body);
+    let mut call = Call::new(body).to(destinations(args).remove(0));
     for (name, value) in &args.headers {
         call = call.with_header(name.as_str(), value.as_str());
     }
@@ -181,6 +214,7 @@ fn run_bench(args: &Args, n: u64, client: &ClientOptions) -> amqp_rpc::Result<()
         inflight: args.inflight,
         request: n.to_string().into_bytes(),
         expected_reply: Some(fib::fib(n).to_string().into_bytes()),
+        destinations: destinations(args),
     };
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
@@ -209,6 +243,12 @@ fn run_bench(args: &Args, n: u64, client: &ClientOptions) -> amqp_rpc::Result<()
         report.elapsed.as_millis()
     );
     println!("{}", stats_line(&report.stats));
+    for (destination, each) in &report.destinations {
+        println!(
+            "destination={destination:?} {each}",
+            destination = destination.to_string()
+        );
+    }
     println!("{report}");
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// The flags that say where the server queue is, shared by both binaries.
+/// The flags that say which broker to use and how, shared by both binaries.
 #[derive(clap::Args, Debug)]
 pub struct BrokerArgs {
     /// Broker URL: amqp://user:password@host:port/vhost (amqps:// for TLS) [default: the
@@ -21,10 +21,6 @@ pub struct BrokerArgs {
         value_delimiter = ','
     )]
     pub urls: Vec<String>,
-
-    /// The server queue.
-    #[arg(long, env = "RPC_QUEUE", default_value = amqp_rpc::DEFAULT_QUEUE)]
-    pub queue: String,
 
     /// amqps://: a PEM file of the CA that signed the broker's certificate, trusted besides
     /// the system's.
