@@ -16,8 +16,9 @@ use amiquip::{AmqpProperties, Auth, Connection, ConnectionOptions, ConnectionTun
 
 use crossbeam_channel::RecvTimeoutError;
 use log::{debug, warn};
-use url::Url;
 
+pub(crate) use crate::broker_url::without_password;
+use crate::broker_url::{BrokerAddress, ServerName, UrlParams, url_for_display};
 use crate::error::{Error, Result};
 use crate::headers::MAX_HEADER_DEPTH;
 use crate::inbound::{CheckedStream, Transport};
@@ -66,6 +67,15 @@ pub struct TlsOptions {
 }
 
 /// How to open a connection, beyond what the URL says.
+///
+/// A broker URL may say some of these itself, in its query, as RabbitMQ's "URI Query
+/// Parameters" guide lists them: `heartbeat` (seconds), `connection_timeout` (milliseconds),
+/// `channel_max`, `frame_max`, `auth_mechanism` (`plain` or `external`), and for `amqps://`
+/// `cacertfile`, `certfile`, `keyfile`, `verify` (`verify_peer`, or `verify_none`, which
+/// checks no certificate) and `server_name_indication` (the name to check the certificate
+/// against and send, or `disable`). What the URL says wins over these options, and over the
+/// binaries' flags, for connections to that broker. A parameter this crate does not know, or
+/// a value it cannot read, is an [`Error::Config`] that names it.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// How long to wait for the TCP connection and for the AMQP handshake, and again for the
@@ -90,78 +100,6 @@ impl Default for ConnectOptions {
             tls: TlsOptions::default(),
         }
     }
-}
-
-/// The parts of an `amqp://` or `amqps://` URL.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct BrokerAddress {
-    /// True for `amqps://`.
-    pub(crate) tls: bool,
-    /// Host name or IP address.
-    pub(crate) host: String,
-    /// TCP port; 5672 by default, 5671 for `amqps://`.
-    pub(crate) port: u16,
-    /// Virtual host, percent-decoded; `/` when the URL has no path.
-    pub(crate) vhost: String,
-    /// User name; `guest` by default.
-    pub(crate) username: String,
-    /// Password; `guest` by default.
-    pub(crate) password: String,
-}
-
-impl BrokerAddress {
-    /// Parses a URL as the RabbitMQ URI specification describes it.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when the URL is malformed, its scheme is not `amqp` or `amqps`, it has
-    /// no host, or its path has more than one segment.
-    pub(crate) fn parse(url: &str) -> Result<BrokerAddress> {
-        let bad =
-            |why: &str| Error::Config(format!("bad broker URL '{}': {why}", without_password(url)));
-        let parsed = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let tls = match parsed.scheme() {
-            "amqp" => false,
-            "amqps" => true,
-            other => return Err(bad(&format!("scheme '{other}' is not amqp or amqps"))),
-        };
-        let host = match parsed.host_str() {
-            Some(host) if !host.is_empty() => host.trim_matches(['[', ']']).to_string(),
-            _ => return Err(bad("no host")),
-        };
-        let port = parsed.port().unwrap_or(if tls { 5671 } else { 5672 });
-        let path = parsed.path().strip_prefix('/').unwrap_or("");
-        if path.contains('/') {
-            return Err(bad("the vhost must be one path segment (write '/' as %2f)"));
-        }
-        let vhost = if path.is_empty() {
-            "/".to_string()
-        } else {
-            decode(path).map_err(|_| bad("the vhost is not valid percent-encoded UTF-8"))?
-        };
-        let username = match parsed.username() {
-            "" => "guest".to_string(),
-            name => decode(name).map_err(|_| bad("the user name is not valid UTF-8"))?,
-        };
-        let password = match parsed.password() {
-            None => "guest".to_string(),
-            Some(word) => decode(word).map_err(|_| bad("the password is not valid UTF-8"))?,
-        };
-        Ok(BrokerAddress {
-            tls,
-            host,
-            port,
-            vhost,
-            username,
-            password,
-        })
-    }
-}
-
-fn decode(text: &str) -> std::result::Result<String, std::str::Utf8Error> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|decoded| decoded.into_owned())
 }
 
 /// An open connection, and the user it authenticated as: the `user_id` that the broker lets
@@ -331,7 +269,7 @@ impl Brokers {
         let mut last_error = None;
         for index in (first..count).chain(0..first) {
             let address = &self.addresses[index];
-            let mut options = options.clone();
+            let mut options = with_url_params(options, &address.params);
             if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -366,6 +304,34 @@ impl Brokers {
         }
         Err(last_error.expect("there is at least one broker"))
     }
+}
+
+/// `options` with what a broker URL's query says in their place: the URL wins, for
+/// connections to its broker. `channel_max`, `frame_max`, `verify` and
+/// `server_name_indication` have no option of their own, and are read where the connection is
+/// opened.
+fn with_url_params(options: &ConnectOptions, params: &UrlParams) -> ConnectOptions {
+    let mut options = options.clone();
+    if let Some(heartbeat) = params.heartbeat {
+        options.heartbeat = heartbeat;
+    }
+    if let Some(timeout) = params.connection_timeout {
+        options.connect_timeout = timeout;
+    }
+    if let Some(external) = params.external_auth {
+        options.tls.external_auth = external;
+    }
+    let tls = &mut options.tls;
+    for (file, from_url) in [
+        (&mut tls.ca_file, &params.ca_file),
+        (&mut tls.cert_file, &params.cert_file),
+        (&mut tls.key_file, &params.key_file),
+    ] {
+        if from_url.is_some() {
+            file.clone_from(from_url);
+        }
+    }
+    options
 }
 
 /// `connection` with the user it authenticated as: the URL's, or with EXTERNAL
@@ -521,12 +487,18 @@ fn open_address(
         )?)),
         None => Transport::Plain(stream),
     };
-    let amqp_options = ConnectionOptions::<Auth>::default()
+    let mut amqp_options = ConnectionOptions::<Auth>::default()
         .auth(auth)
         .virtual_host(address.vhost.clone())
         .heartbeat(options.heartbeat)
         .connection_timeout(Some(handshake_by.saturating_duration_since(Instant::now())))
         .information(Some(options.connection_name.clone()));
+    if let Some(channels) = address.params.channel_max {
+        amqp_options = amqp_options.channel_max(channels);
+    }
+    if let Some(bytes) = address.params.frame_max {
+        amqp_options = amqp_options.frame_max(bytes);
+    }
     let tuning = ConnectionTuning::default().mem_channel_bound(FRAMES_QUEUED_PER_CHANNEL);
     // Everything the broker sends is checked before amiquip parses it: see `inbound.rs`.
     let connection =
@@ -587,7 +559,12 @@ fn tls_handshake(
     let failed = |source| connect_error(address, source);
     // Blocking is a property of the socket, shared by both handles on it.
     socket.set_nonblocking(false).map_err(failed)?;
-    let host = address.host.clone();
+    // The name the certificate must carry, and TLS sends: the URL's host, or its
+    // server_name_indication (see `tls_connector` for `disable`).
+    let host = match &address.params.server_name {
+        Some(ServerName::Name(name)) => name.clone(),
+        _ => address.host.clone(),
+    };
     let (handshake, cut) = bounded("rpc-tls", deadline, socket, move || {
         connector.connect(&host, stream)
     })?;
@@ -701,6 +678,18 @@ fn tls_connector(address: &BrokerAddress, tls: &TlsOptions) -> Result<native_tls
             ));
         }
     }
+    if address.params.verify_peer == Some(false) {
+        warn!(
+            "{}: verify=verify_none, as its URL says: the broker's certificate is not checked, \
+             and anyone between can read and change the traffic",
+            url_for_display(address)
+        );
+        builder.danger_accept_invalid_certs(true);
+    }
+    if address.params.server_name == Some(ServerName::Disabled) {
+        // Without a name sent, none can be checked.
+        builder.use_sni(false).danger_accept_invalid_hostnames(true);
+    }
     builder.build().map_err(|e| Error::Tls {
         addr: url_for_display(address),
         reason: format!("cannot set up TLS: {e}"),
@@ -757,80 +746,9 @@ fn connect_error(address: &BrokerAddress, source: std::io::Error) -> Error {
     }
 }
 
-/// `url` with its password, if it has one, replaced by `***`; works on malformed URLs too,
-/// so that no error message ever shows a password.
-pub(crate) fn without_password(url: &str) -> String {
-    let Some(start) = url.find("://").map(|scheme_end| scheme_end + 3) else {
-        return url.to_string();
-    };
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |end| start + end);
-    let Some(at) = url[start..authority_end].rfind('@').map(|at| start + at) else {
-        return url.to_string();
-    };
-    match url[start..at].find(':') {
-        Some(colon) => format!("{}***{}", &url[..start + colon + 1], &url[at..]),
-        None => url.to_string(),
-    }
-}
-
-/// Shows the address without its password.
-impl std::fmt::Debug for BrokerAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&url_for_display(self))
-    }
-}
-
-/// The URL without its password, for messages and logs.
-fn url_for_display(address: &BrokerAddress) -> String {
-    format!(
-        "{}://{}@{}:{}",
-        if address.tls { "amqps" } else { "amqp" },
-        address.username,
-        address.host,
-        address.port
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_url_parses_to_local_guest_on_root_vhost() {
-        let address = BrokerAddress::parse(DEFAULT_URL).unwrap();
-        assert_eq!(
-            address,
-            BrokerAddress {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 5672,
-                vhost: "/".into(),
-                username: "guest".into(),
-                password: "guest".into(),
-            }
-        );
-    }
-
-    #[test]
-    fn defaults_fill_what_the_url_leaves_out() {
-        let address = BrokerAddress::parse("amqps://broker.example").unwrap();
-        assert!(address.tls);
-        assert_eq!(address.port, 5671);
-        assert_eq!(address.vhost, "/");
-        assert_eq!(address.username, "guest");
-        assert_eq!(address.password, "guest");
-    }
-
-    #[test]
-    fn vhost_and_credentials_are_percent_decoded() {
-        let address = BrokerAddress::parse("amqp://us%40er:p%3Ass+@h:1234/my%2Fvhost").unwrap();
-        assert_eq!(address.username, "us@er");
-        assert_eq!(address.password, "p:ss+");
-        assert_eq!(address.vhost, "my/vhost");
-        assert_eq!(address.port, 1234);
-    }
 
     #[test]
     fn a_list_of_urls_is_split_on_commas() {
@@ -846,33 +764,5 @@ mod tests {
             Brokers::parse("amqp://a,http://b"),
             Err(Error::Config(_))
         ));
-    }
-
-    #[test]
-    fn passwords_never_show_in_urls_for_messages() {
-        assert_eq!(
-            without_password("amqp://user:s3cret@host:5672/%2f"),
-            "amqp://user:***@host:5672/%2f"
-        );
-        assert_eq!(without_password("amqp://user@host/"), "amqp://user@host/");
-        assert_eq!(without_password("amqp://host/"), "amqp://host/");
-        assert_eq!(without_password("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
-        assert_eq!(without_password("not a url"), "not a url");
-        for url in [
-            "amqp://u:s3cret@h:99999/",
-            "http://u:s3cret@h/",
-            "amqp://u:s3cret@/x/y",
-        ] {
-            let error = BrokerAddress::parse(url).unwrap_err().to_string();
-            assert!(!error.contains("s3cret"), "{error}");
-        }
-    }
-
-    #[test]
-    fn bad_urls_are_config_errors() {
-        for url in ["http://h/", "amqp://h/a/b", "not a url", "amqp:///vhost"] {
-            let error = BrokerAddress::parse(url).unwrap_err();
-            assert!(matches!(error, Error::Config(_)), "{url}: {error}");
-        }
     }
 }

@@ -128,6 +128,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+mod broker_url;
 mod client;
 mod client_options;
 mod connect;

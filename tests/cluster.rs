@@ -805,3 +805,41 @@ fn headers_nested_to_a_larger_frames_limit_are_refused_by_a_server_on_a_small_st
     );
     let _ = rabbitmqctl_on(2, &["delete_queue", &queue]);
 }
+
+#[test]
+fn tls_and_external_auth_set_up_from_the_url_alone() {
+    let _lock = cluster_lock();
+    require_cluster();
+    let queue = unique_queue("cluster-url-tls");
+    let _guard = ClusterQueue(queue.clone());
+    let server = classic_server(&url(1), &queue, ServerOptions::default());
+    let path = |name: &str| tls_file(name).to_str().unwrap().to_string();
+    // Node c2 demands a client certificate; nothing but the URL says where the files are.
+    let files = format!(
+        "cacertfile={}&certfile={}&keyfile={}",
+        path("ca.pem"),
+        path("client.pem"),
+        path("client.key")
+    );
+    let options = || ClientOptions {
+        queue: queue.clone(),
+        timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    let plain = format!("amqps://guest:guest@localhost:5692/%2f?{files}&verify=verify_peer");
+    let client = Client::with_options(&plain, options()).unwrap();
+    assert_eq!(client.fib(30).unwrap().to_string(), "832040");
+    let external = format!("amqps://localhost:5692/%2f?{files}&auth_mechanism=external");
+    let client = Client::with_options(&external, options()).unwrap();
+    assert_eq!(client.fib(30).unwrap().to_string(), "832040");
+    // The name to check the certificate against, instead of the URL's host.
+    let elsewhere = format!(
+        "amqps://guest:guest@localhost:5692/%2f?{files}&server_name_indication=other.example"
+    );
+    let error = Client::with_options(&elsewhere, options()).unwrap_err();
+    assert!(
+        error.is_tls() && error.to_string().contains("another host"),
+        "{error}"
+    );
+    server.shutdown().unwrap();
+}

@@ -172,3 +172,52 @@ fn direct_reply_to_serves_single_and_batched_calls() {
     client.close().unwrap();
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_urls_query_parameters_reach_the_broker_and_a_misspelt_one_is_refused_by_name() {
+    let queue = common::unique_queue("url-params");
+    let _guard = common::QueueGuard(queue.clone());
+    let server = common::start_fib_server(&queue, 1);
+    let proxy = common::proxy::FaultProxy::start(&common::require_broker());
+    let url = format!(
+        "{}?heartbeat=7&channel_max=64",
+        proxy.url().trim_end_matches('/')
+    );
+    let options = amqp_rpc::ClientOptions {
+        queue: queue.clone(),
+        ..amqp_rpc::ClientOptions::default()
+    };
+    let client = amqp_rpc::Client::with_options(&url, options.clone()).unwrap();
+    assert_eq!(client.fib(10).unwrap().to_string(), "55");
+    let name = proxy.broker_connection_names().remove(0);
+    let listing = common::rabbitmqctl(&[
+        "list_connections",
+        "name",
+        "timeout",
+        "channel_max",
+        "--no-table-headers",
+        "-q",
+    ]);
+    let line = listing
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}\t")))
+        .unwrap_or_else(|| panic!("no connection {name}: {listing}"));
+    let columns: Vec<&str> = line.split('\t').map(str::trim).collect();
+    assert_eq!(
+        columns[1..],
+        ["7", "64"],
+        "the heartbeat and channel_max asked for: {line}"
+    );
+    client.close().unwrap();
+
+    let misspelt = format!("{}?hearbeat=7", proxy.url().trim_end_matches('/'));
+    let error = amqp_rpc::Client::with_options(&misspelt, options).unwrap_err();
+    assert!(error.is_config(), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains("unknown query parameter 'hearbeat'"),
+        "{error}"
+    );
+    server.shutdown().unwrap();
+}
