@@ -9,7 +9,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use prometheus::core::Metric as _;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -25,9 +24,10 @@ const LATENCY_BUCKETS: [f64; 24] = [
     0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// A latency distribution, from a bucketed histogram: each percentile is the upper bound of
-/// the bucket it falls in (buckets from 100 µs to 60 s, about 1.5x apart below 10 ms), never
-/// above the largest latency seen.
+/// A latency distribution: how many latencies were recorded, three percentiles and the
+/// largest. Each percentile is within 1.6% of the exact one (the latencies are counted in
+/// buckets 1/32 of a power of two wide, and a percentile is its bucket's middle, never above
+/// the largest latency seen), exact below 32 µs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Latency {
     /// How many latencies were recorded.
@@ -42,16 +42,80 @@ pub struct Latency {
     pub max: Duration,
 }
 
-/// A histogram with the largest value seen beside it.
+/// Records latencies twice: in a Prometheus histogram, whose coarse buckets `/metrics`
+/// exposes, and in [`FineCounts`], from which [`Latency`]'s percentiles come. The Prometheus
+/// buckets alone made every percentile a bucket's upper bound, 1.5x apart: with 64 threads,
+/// p50, p90 and p99 all read 15,000 µs where the exact ones were 10,094, 12,500 and 14,213.
 pub(crate) struct LatencyRecorder {
     histogram: Histogram,
+    fine: FineCounts,
     max_micros: AtomicU64,
+}
+
+/// How many sub-buckets each power of two of microseconds is split into: 32, so that a
+/// bucket is at most 1/32 of its lower bound wide.
+const SUB_BUCKET_BITS: u32 = 5;
+const SUB_BUCKETS: usize = 1 << SUB_BUCKET_BITS;
+
+/// Latencies counted in log-linear buckets of microseconds (as HdrHistogram does): exact
+/// below [`SUB_BUCKETS`] µs, then [`SUB_BUCKETS`] buckets per power of two. Recording is one
+/// atomic add, without a lock; 1,920 buckets cover every `u64` of microseconds.
+struct FineCounts {
+    counts: Box<[AtomicU64]>,
+}
+
+impl FineCounts {
+    fn new() -> FineCounts {
+        let buckets = SUB_BUCKETS + (64 - SUB_BUCKET_BITS as usize) * SUB_BUCKETS;
+        FineCounts {
+            counts: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The bucket of `micros`.
+    fn bucket(micros: u64) -> usize {
+        if micros < SUB_BUCKETS as u64 {
+            return micros as usize;
+        }
+        let magnitude = 63 - micros.leading_zeros();
+        let shift = magnitude - SUB_BUCKET_BITS;
+        // The bits below the leading one, its next five.
+        let sub = ((micros >> shift) as usize) & (SUB_BUCKETS - 1);
+        SUB_BUCKETS + shift as usize * SUB_BUCKETS + sub
+    }
+
+    /// The middle of bucket `index`, in microseconds.
+    fn middle(index: usize) -> u64 {
+        if index < SUB_BUCKETS {
+            return index as u64;
+        }
+        let shift = ((index - SUB_BUCKETS) / SUB_BUCKETS) as u32;
+        let sub = ((index - SUB_BUCKETS) % SUB_BUCKETS) as u64;
+        let low = (SUB_BUCKETS as u64 + sub) << shift;
+        low + ((1u64 << shift) >> 1)
+    }
+
+    fn record(&self, micros: u64) {
+        self.counts[FineCounts::bucket(micros)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts, and their total.
+    fn snapshot(&self) -> (Vec<u64>, u64) {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect();
+        let total = counts.iter().sum();
+        (counts, total)
+    }
 }
 
 impl LatencyRecorder {
     fn new(histogram: Histogram) -> LatencyRecorder {
         LatencyRecorder {
             histogram,
+            fine: FineCounts::new(),
             max_micros: AtomicU64::new(0),
         }
     }
@@ -64,32 +128,34 @@ impl LatencyRecorder {
     pub(crate) fn record(&self, latency: Duration) {
         self.histogram.observe(latency.as_secs_f64());
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.fine.record(micros);
         self.max_micros.fetch_max(micros, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Latency {
-        let proto = self.histogram.metric();
-        let histogram = proto.get_histogram();
-        let count = histogram.get_sample_count();
-        let max = Duration::from_micros(self.max_micros.load(Ordering::Relaxed));
+        let (counts, count) = self.fine.snapshot();
+        let max_micros = self.max_micros.load(Ordering::Relaxed);
         let percentile = |fraction: f64| {
             if count == 0 {
                 return Duration::ZERO;
             }
-            let rank = (fraction * count as f64).ceil() as u64;
-            let bound = histogram
-                .get_bucket()
+            let rank = ((fraction * count as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            let bucket = counts
                 .iter()
-                .find(|bucket| bucket.cumulative_count() >= rank)
-                .map_or(f64::INFINITY, |bucket| bucket.upper_bound());
-            Duration::try_from_secs_f64(bound).map_or(max, |bound| bound.min(max))
+                .position(|&in_bucket| {
+                    seen += in_bucket;
+                    seen >= rank
+                })
+                .unwrap_or(counts.len() - 1);
+            Duration::from_micros(FineCounts::middle(bucket).min(max_micros))
         };
         Latency {
             count,
             p50: percentile(0.50),
             p90: percentile(0.90),
             p99: percentile(0.99),
-            max,
+            max: Duration::from_micros(max_micros),
         }
     }
 }
@@ -592,6 +658,38 @@ impl QueueMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fine_buckets_hold_their_values_and_are_at_most_a_32nd_wide() {
+        for micros in [0, 1, 31, 32, 33, 63, 64, 1000, 10_094, 123_456_789, u64::MAX / 3] {
+            let bucket = FineCounts::bucket(micros);
+            let middle = FineCounts::middle(bucket);
+            let error = (middle as f64 - micros as f64).abs() / (micros.max(1) as f64);
+            assert!(error <= 1.0 / 64.0, "{micros} µs: bucket {bucket}, middle {middle}");
+        }
+        assert_eq!(FineCounts::bucket(u64::MAX), FineCounts::new().counts.len() - 1);
+    }
+
+    #[test]
+    fn percentiles_are_within_two_percent_of_the_exact_ones() {
+        let recorder = LatencyRecorder::standalone("test_seconds", "a test");
+        // 10,000 latencies from 80 µs to 80 ms, spread over three orders of magnitude.
+        let mut exact: Vec<u64> = (0..10_000u64)
+            .map(|i| (80.0 * 1000f64.powf(((i * 7919) % 10_000) as f64 / 10_000.0)) as u64)
+            .collect();
+        for &micros in &exact {
+            recorder.record(Duration::from_micros(micros));
+        }
+        exact.sort_unstable();
+        let latency = recorder.snapshot();
+        assert_eq!(latency.count, 10_000);
+        for (fraction, measured) in [(0.50, latency.p50), (0.90, latency.p90), (0.99, latency.p99)] {
+            let truth = exact[(fraction * 10_000.0) as usize - 1] as f64;
+            let error = (measured.as_micros() as f64 - truth).abs() / truth;
+            assert!(error < 0.02, "p{}: {measured:?} for {truth} µs", fraction * 100.0);
+        }
+        assert_eq!(latency.max, Duration::from_micros(*exact.last().unwrap()));
+    }
 
     #[test]
     fn percentiles_come_from_the_buckets_and_never_pass_the_largest() {
