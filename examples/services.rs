@@ -5,16 +5,18 @@
 //! - `PREFIX.fib`: the tutorial's Fibonacci, in its wire format (`n` in decimal, fib(n) in
 //!   decimal back), so the tutorial's clients in any language can call it;
 //! - `PREFIX.stats`: typed JSON, `{"numbers": [1.5, 2.5]}` in, `{"count": 2, "sum": 4.0,
-//!   "mean": 2.0}` out (`mean` is `null` for an empty list).
+//!   "mean": 2.0}` out (`mean` is `null` for an empty list); its queue is also bound to the
+//!   topic exchange `PREFIX` for routing keys `stats.*`, as a nameko-style service would be.
 //!
 //! Prints ` [x] Awaiting RPC requests` once both queues are consumed; SIGINT or SIGTERM
-//! drains both and exits 0. `examples/services_client.rs` calls both.
+//! drains both and exits 0. `examples/services_client.rs` and `examples/gateway.rs` call
+//! both, each through one client.
 
 mod common;
 
 use std::process::ExitCode;
 
-use amqp_rpc::{QueueOptions, Request, Server, fib, json};
+use amqp_rpc::{Binding, QueueOptions, Request, Server, fib, json};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +76,10 @@ fn main() -> ExitCode {
             )
             .serve(
                 format!("{}.stats", args.prefix),
-                QueueOptions::with_workers(2),
+                QueueOptions {
+                    bindings: vec![Binding::topic(&args.prefix, "stats.*")],
+                    ..QueueOptions::with_workers(2)
+                },
                 json::handler(|input: Numbers, _: &Request| Ok(summarise(input))),
             )
             .start()?;

@@ -1,5 +1,5 @@
-//! `services_client`: calls both procedures of `examples/services.rs`, showing headers and
-//! typed calls.
+//! `services_client`: calls both procedures of `examples/services.rs` through one client,
+//! showing destinations, headers and typed calls.
 //!
 //!     cargo run --example services -- --prefix demo &
 //!     cargo run --example services_client -- --prefix demo
@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_rpc::{Call, Client, ClientOptions};
+use amqp_rpc::{Call, Client, Destination};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -53,31 +53,29 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> amqp_rpc::Result<()> {
-    // One client per procedure: a client's options name the queue it calls.
-    let options = |procedure: &str| ClientOptions {
-        queue: format!("{}.{procedure}", args.prefix),
-        ..ClientOptions::default()
-    };
+    // One client for every service: each call names where it goes.
+    let client = Client::connect(&args.url)?;
 
-    // The tutorial's wire format, with metadata added: headers and a type a server may log or
-    // route on, and a timeout for this call alone.
-    let fib = Client::with_options(&args.url, options("fib"))?;
+    // The tutorial's wire format, to the queue PREFIX.fib, with metadata added: headers and a
+    // type a server may log or route on, and a timeout for this call alone.
     let call = Call::new("30")
+        .to(format!("{}.fib", args.prefix))
         .with_header("x-request-origin", "services_client example")
         .with_type("fib")
         .with_timeout(Duration::from_secs(5));
-    let reply = fib.send(&call)?;
+    let reply = client.send(&call)?;
     println!("fib(30) = {}", String::from_utf8_lossy(reply.body()));
 
-    // Typed JSON: send a Serialize value, read back a Deserialize one.
-    let mut stats = Client::with_options(&args.url, options("stats"))?;
+    // Typed JSON, through the topic exchange PREFIX: send a Serialize value, read back a
+    // Deserialize one.
+    let stats = Destination::exchange(&args.prefix, "stats.summary");
     for numbers in [&[1.0, 2.0, 4.5][..], &[]] {
-        let summary: Summary = stats.call_json(&Numbers { numbers })?;
+        let call = Call::json(&Numbers { numbers })?.to(stats.clone());
+        let summary: Summary = client.send(&call)?.json()?;
         println!(
             "stats of {numbers:?}: count {}, sum {}, mean {:?}",
             summary.count, summary.sum, summary.mean
         );
     }
-    fib.close()?;
-    stats.close()
+    client.close()
 }

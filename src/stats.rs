@@ -661,13 +661,31 @@ mod tests {
 
     #[test]
     fn fine_buckets_hold_their_values_and_are_at_most_a_32nd_wide() {
-        for micros in [0, 1, 31, 32, 33, 63, 64, 1000, 10_094, 123_456_789, u64::MAX / 3] {
+        for micros in [
+            0,
+            1,
+            31,
+            32,
+            33,
+            63,
+            64,
+            1000,
+            10_094,
+            123_456_789,
+            u64::MAX / 3,
+        ] {
             let bucket = FineCounts::bucket(micros);
             let middle = FineCounts::middle(bucket);
             let error = (middle as f64 - micros as f64).abs() / (micros.max(1) as f64);
-            assert!(error <= 1.0 / 64.0, "{micros} µs: bucket {bucket}, middle {middle}");
+            assert!(
+                error <= 1.0 / 64.0,
+                "{micros} µs: bucket {bucket}, middle {middle}"
+            );
         }
-        assert_eq!(FineCounts::bucket(u64::MAX), FineCounts::new().counts.len() - 1);
+        assert_eq!(
+            FineCounts::bucket(u64::MAX),
+            FineCounts::new().counts.len() - 1
+        );
     }
 
     #[test]
@@ -683,10 +701,18 @@ mod tests {
         exact.sort_unstable();
         let latency = recorder.snapshot();
         assert_eq!(latency.count, 10_000);
-        for (fraction, measured) in [(0.50, latency.p50), (0.90, latency.p90), (0.99, latency.p99)] {
+        for (fraction, measured) in [
+            (0.50, latency.p50),
+            (0.90, latency.p90),
+            (0.99, latency.p99),
+        ] {
             let truth = exact[(fraction * 10_000.0) as usize - 1] as f64;
             let error = (measured.as_micros() as f64 - truth).abs() / truth;
-            assert!(error < 0.02, "p{}: {measured:?} for {truth} µs", fraction * 100.0);
+            assert!(
+                error < 0.02,
+                "p{}: {measured:?} for {truth} µs",
+                fraction * 100.0
+            );
         }
         assert_eq!(latency.max, Duration::from_micros(*exact.last().unwrap()));
     }

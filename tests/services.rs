@@ -320,6 +320,71 @@ fn the_services_example_serves_both_and_drains_both_on_sigterm() {
     assert_eq!(unacked_messages(&fib_queue), 0);
 }
 
+#[test]
+fn the_gateway_example_answers_through_one_client_from_its_thread_pool() {
+    use std::io::Write;
+    let prefix = unique_queue("gateway");
+    let _guards = (
+        QueueGuard(format!("{prefix}.fib")),
+        QueueGuard(format!("{prefix}.stats")),
+    );
+    let mut services = example("services");
+    services.args(["--prefix", &prefix]);
+    let _server = spawn_until_ready(services, READY);
+    let mut gateway = Command::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_client"))
+            .parent()
+            .unwrap()
+            .join("examples/gateway"),
+    )
+    .args([
+        "--url",
+        &require_broker(),
+        "--prefix",
+        &prefix,
+        "--threads",
+        "4",
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut input = String::new();
+    for n in 0..20 {
+        input.push_str(&format!("fib {n}\nstats {n} 1\n"));
+    }
+    input.push_str("fib -1\nsing\n");
+    gateway
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = gateway.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 42, "{stdout}");
+    for n in 0..20u64 {
+        let (fib_line, stats_line) = (lines[2 * n as usize], lines[2 * n as usize + 1]);
+        assert_eq!(fib_line, format!("{} fib {n}: {}", 2 * n + 1, fib::fib(n)));
+        let mean = (n as f64 + 1.0) / 2.0;
+        assert_eq!(
+            stats_line,
+            format!("{} stats {n} 1: count 2, mean {mean}", 2 * n + 2)
+        );
+    }
+    assert!(
+        lines[40].starts_with("41 fib -1: error: server error (bad-request)"),
+        "{stdout}"
+    );
+    assert!(
+        lines[41].starts_with("42 sing: error: invalid request"),
+        "{stdout}"
+    );
+}
+
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 struct Point {
     x: i64,
