@@ -646,6 +646,69 @@ fn without_the_grant_to_count_a_redelivered_request_is_answered_with_the_brokers
 }
 
 #[test]
+fn a_service_behind_an_exchange_works_under_least_privilege() {
+    let queue = unique_queue("least-exchange");
+    let exchange = unique_queue("least-services");
+    let _guard = QueueGuard(queue.clone());
+    let (q, e) = (queue.replace('-', "\\-"), exchange.replace('-', "\\-"));
+    // Declaring the exchange needs configure on it; binding the queue, write on the queue and
+    // read on the exchange.
+    let server_user = TestUser::with_permissions(
+        &format!("^({q}|{e})$"),
+        &format!("^(amq\\.default|{q})$"),
+        &format!("^({q}|{e})$"),
+    );
+    // Publishing through the exchange needs write on it; asking whether it exists, nothing.
+    let client_user = TestUser::with_permissions(
+        "^amq\\.gen-.*$",
+        &format!("^(amq\\.default|{e})$"),
+        "^amq\\.gen-.*$",
+    );
+    let server = Server::builder(&server_user.url())
+        .serve(
+            &queue,
+            QueueOptions {
+                bindings: vec![amqp_rpc::Binding::topic(&exchange, "math.#")],
+                ..QueueOptions::with_workers(1)
+            },
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .unwrap();
+    let client = Client::connect(&client_user.url()).unwrap();
+    let call = amqp_rpc::Call::new("10").to(amqp_rpc::Destination::exchange(&exchange, "math.fib"));
+    assert_eq!(client.send(&call).unwrap().body(), b"55");
+    server.shutdown().unwrap();
+    // Without configure on the exchange, the server is refused at start, with the reason.
+    let denied = TestUser::with_permissions(
+        &format!("^{q}$"),
+        &format!("^(amq\\.default|{q})$"),
+        &format!("^({q}|{e})$"),
+    );
+    let error = Server::builder(&denied.url())
+        .serve(
+            &queue,
+            QueueOptions {
+                bindings: vec![amqp_rpc::Binding::topic(&exchange, "math.#")],
+                ..QueueOptions::with_workers(1)
+            },
+            |request: &Request| fib::serve(request, 1000),
+        )
+        .start()
+        .expect_err("not granted");
+    assert!(
+        matches!(&error, Error::Refused { code: 403, text } if text.contains(&exchange)),
+        "{error:?}"
+    );
+    let mut connection = raw_connection();
+    let _ = connection
+        .open_channel(None)
+        .unwrap()
+        .exchange_delete(exchange.as_str(), false);
+    let _ = connection.close();
+}
+
+#[test]
 fn replies_that_flood_an_idle_client_are_dropped_not_kept() {
     const FLOOD: usize = 10_000;
     let queue = unique_queue("flood");
