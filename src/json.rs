@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::message::{Call, HandlerError, Reply, Request};
-use crate::server::Handler;
+use crate::service::Handler;
 use crate::wire::JSON_CONTENT_TYPE;
 
 impl Call {

@@ -145,10 +145,14 @@ pub mod json;
 mod message;
 mod probe;
 mod server;
+mod server_options;
+mod service;
 mod session;
 mod stats;
+mod supervisor;
 mod sync;
 mod wire;
+mod worker;
 
 pub use client::Client;
 pub use client_options::{ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};
@@ -157,10 +161,11 @@ pub use destination::{Binding, Destination, ExchangeKind};
 pub use error::{Error, QueueState, Result};
 pub use headers::{HeaderValue, Headers, MAX_HEADER_DEPTH, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 pub use message::{Call, FailureKind, HandlerError, Reply, Request};
-pub use server::{
-    DEFAULT_MAX_BODY, DEFAULT_REPLY_TO, Handler, QueueOptions, QueueType, Server, ServerBuilder,
-    ServerOptions, ShutdownHandle, default_workers,
+pub use server::{Server, ServerBuilder, ShutdownHandle};
+pub use server_options::{
+    DEFAULT_MAX_BODY, DEFAULT_REPLY_TO, QueueOptions, QueueType, ServerOptions, default_workers,
 };
+pub use service::Handler;
 pub use stats::{
     ClientStats, ErrorCounts, Health, KindCounts, Latency, QueueStats, ReplyCounts, ServerStats,
 };
