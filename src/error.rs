@@ -5,8 +5,8 @@
 //! ([`Error::is_retryable`]: a timeout, no server, a lost connection, an overloaded server),
 //! fix the deployment or the settings ([`Error::NoRoute`], [`Error::Config`],
 //! [`Error::Authentication`], [`Error::Tls`]), or give up on the request
-//! ([`Error::Remote`] with [`FailureKind::BadRequest`]). The README's "Why did my call fail?"
-//! table lists them with what to do.
+//! ([`Error::Remote`] with [`FailureKind::BadRequest`]). The table of `docs/failures.md`
+//! lists them with what to do.
 
 use std::fmt;
 use std::sync::Arc;

@@ -116,8 +116,18 @@
 //! `correlation_id`, and its reply comes back with the same `correlation_id`. Headers and
 //! properties are optional; requests carry their deadline in [`DEADLINE_HEADER`]; an error
 //! reply carries its message in the [`ERROR_HEADER`] header and its kind in
-//! [`ERROR_KIND_HEADER`]. The README's "Wire protocol" section lists every
-//! field.
+//! [`ERROR_KIND_HEADER`].
+//!
+//! # Read on
+//!
+//! The repository's `docs/` folder has the rest, each fact in one place:
+//! `docs/guide.md` (using the library: services, calls, threads, typed payloads, several
+//! services, the examples), `docs/protocol.md` (the wire protocol, every field, for a peer in
+//! another language), `docs/failures.md` (why a call fails, what the server does with each
+//! fault, hostile messages), `docs/operations.md` (configuration, TLS and security, least
+//! privilege, observability, clustering), `docs/performance.md` (how to measure, and the
+//! figures), `docs/design.md` (how it works inside, and the tests) and `docs/amiquip.md` (what
+//! this crate relies on in amiquip). `CHANGELOG.md` says what changed in each version.
 //!
 //! # Features
 //!
@@ -153,6 +163,28 @@ mod supervisor;
 mod sync;
 mod wire;
 mod worker;
+
+/// The code blocks of the README and of `docs/`, compiled (and those not marked `no_run`, run)
+/// as doctests, so that they cannot drift from the code.
+#[cfg(doctest)]
+mod markdown {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/guide.md")]
+    struct Guide;
+    #[doc = include_str!("../docs/protocol.md")]
+    struct Protocol;
+    #[doc = include_str!("../docs/failures.md")]
+    struct Failures;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/design.md")]
+    struct Design;
+    #[doc = include_str!("../docs/amiquip.md")]
+    struct Amiquip;
+}
 
 pub use client::Client;
 pub use client_options::{ClientOptions, DEFAULT_MAX_REPLY, ReplyRoute};

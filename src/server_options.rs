@@ -67,8 +67,8 @@ pub struct QueueOptions {
     ///   deliveries in a small queue of its own (`amqp-rpc.deliveries.<uuid>`, deleted once
     ///   it is answered, or after an hour unused), before its handler runs: the request stays
     ///   in its queue, untouched, until answered. Requests delivered once pay nothing. The
-    ///   server's user needs the configure permission on those queues (see the README's
-    ///   least-privilege table); when the broker refuses one, the request is answered with
+    ///   server's user needs the configure permission on those queues (see the
+    ///   least-privilege table of `docs/operations.md`); when the broker refuses one, the request is answered with
     ///   the broker's reason.
     ///
     /// A delivery put back without running (racing a shutdown) counts as one that died.

@@ -23,8 +23,8 @@
 //! is held only for the publish itself (about 5 µs: the frame goes to amiquip's I/O thread, not
 //! to the socket). Direct reply-to requires publishing on the channel that consumes the
 //! replies, which rules out a pool of publishing channels; a publisher thread would cost every
-//! call two more thread hand-offs. Measured with `bench/run` on 2 cores: see the README's
-//! performance table, where 64 threads publish through this one lock. Callers take their turn
+//! call two more thread hand-offs. Measured with `bench/run` on 2 cores: see the table of
+//! `docs/performance.md`, where 64 threads publish through this one lock. Callers take their turn
 //! at it within their call's deadline, and a publish stuck past its own is ended by cutting
 //! the connection: see [`Publisher`].
 //!

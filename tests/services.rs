@@ -411,7 +411,7 @@ fn json_calls_round_trip_and_a_malformed_request_leaves_the_worker_serving() {
             })
         }),
     );
-    let mut client = client_for(&queue, Duration::from_secs(10));
+    let client = client_for(&queue, Duration::from_secs(10));
     let distance: Distance = client.call_json(&Point { x: 3, y: -4 }).unwrap();
     assert_eq!(distance, Distance { manhattan: 7 });
 
