@@ -395,7 +395,8 @@ fn check_method_fields(class: u16, method: u16, payload: &[u8]) -> Result<Option
         return Ok(None);
     };
     let mut reader = Reader::new(payload, 4);
-    let mut strings = Vec::new();
+    // Only the short strings that are not UTF-8: none, nearly always, and no allocation then.
+    let mut not_utf8 = Vec::new();
     for field in fields {
         // A method that ends early is amiquip's to refuse, as any malformed frame.
         let read = match field {
@@ -404,7 +405,11 @@ fn check_method_fields(class: u16, method: u16, payload: &[u8]) -> Result<Option
             Field::Long => reader.skip(4),
             Field::LongLong => reader.skip(8),
             Field::LongString => reader.long_bytes().map(drop),
-            Field::ShortString => reader.short_bytes().map(|(range, _)| strings.push(range)),
+            Field::ShortString => reader.short_bytes().map(|(range, utf8)| {
+                if !utf8 {
+                    not_utf8.push(range);
+                }
+            }),
             Field::Table => {
                 let start = reader.at;
                 match check_table(payload, start, payload.len()) {
@@ -419,19 +424,13 @@ fn check_method_fields(class: u16, method: u16, payload: &[u8]) -> Result<Option
             return Ok(None);
         }
     }
-    if strings
-        .iter()
-        .all(|range| std::str::from_utf8(&payload[range.clone()]).is_ok())
-    {
+    if not_utf8.is_empty() {
         return Ok(None);
     }
     let mut fixed = Vec::with_capacity(payload.len());
     let mut copied = 0;
-    for range in strings {
+    for range in not_utf8 {
         let text = &payload[range.clone()];
-        if std::str::from_utf8(text).is_ok() {
-            continue;
-        }
         // Up to the length byte before the string, then the string made UTF-8.
         fixed.extend_from_slice(&payload[copied..range.start - 1]);
         let lossy = truncated(&String::from_utf8_lossy(text), 255).to_string();
@@ -450,6 +449,11 @@ fn truncated(text: &str, bytes: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// True when `bytes` are UTF-8; ASCII, which nearly every name is, is told apart fastest.
+fn is_utf8(bytes: &[u8]) -> bool {
+    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 
 /// A position in a payload, read forward.
@@ -475,7 +479,7 @@ impl<'a> Reader<'a> {
         let start = self.at + 1;
         self.at = start;
         self.skip(length)?;
-        let utf8 = std::str::from_utf8(&self.bytes[start..self.at]).is_ok();
+        let utf8 = is_utf8(&self.bytes[start..self.at]);
         Some((start..self.at, utf8))
     }
 
@@ -593,7 +597,7 @@ fn check_table(bytes: &[u8], start: usize, limit: usize) -> Result<CheckedTable,
             ValueKind::Fixed(size) => inner.skip(size).ok_or_else(|| invalid(past_end()))?,
             ValueKind::LongString => {
                 let text = inner.long_bytes().ok_or_else(|| invalid(past_end()))?;
-                if std::str::from_utf8(&bytes[text]).is_err() {
+                if !is_utf8(&bytes[text]) {
                     not_utf8.push(type_at);
                 }
             }

@@ -78,10 +78,7 @@ impl Client {
     ///
     /// Those of [`Client::send`]; [`Error::InvalidRequest`] when `value` cannot be encoded,
     /// and [`Error::InvalidReply`] when the reply is not JSON of the shape `U` expects.
-    pub fn call_json<T: Serialize + ?Sized, U: DeserializeOwned>(
-        &self,
-        value: &T,
-    ) -> Result<U> {
+    pub fn call_json<T: Serialize + ?Sized, U: DeserializeOwned>(&self, value: &T) -> Result<U> {
         self.send(&Call::json(value)?)?.json()
     }
 }
