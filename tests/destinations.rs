@@ -14,7 +14,7 @@ use std::time::Duration;
 use amqp_rpc::{
     Binding, Call, Client, ClientOptions, Destination, Error, QueueOptions, Request, Server, fib,
 };
-use common::process::{spawn_until_ready, text};
+use common::process::{our_server, spawn_until_ready, text};
 use common::proxy::FaultProxy;
 use common::{
     QueueGuard, broker_closes_connection, channels_on, declare_queue, raw_connection,
@@ -249,17 +249,8 @@ fn the_binaries_call_through_an_exchange_and_bench_several_queues() {
     let _guards = [&queue, &other].map(|queue| QueueGuard(queue.clone()));
     let _exchange = ExchangeGuard(exchange.clone());
     let server = |queue: &str, extra: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-        command
-            .args([
-                "--url",
-                &require_broker(),
-                "--queue",
-                queue,
-                "--workers",
-                "2",
-            ])
-            .args(extra);
+        let mut command = our_server(queue);
+        command.args(extra);
         spawn_until_ready(command, "Awaiting RPC requests")
     };
     let binding = format!("{exchange}:math.*");

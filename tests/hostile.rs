@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
 use amqp_rpc::{Call, Client, ClientOptions, Error, MAX_HEADER_DEPTH, Request, Server, fib};
-use common::process::{Running, spawn_until_ready, text};
+use common::process::{Running, our_server_with_workers, spawn_until_ready, text};
 use common::raw_amqp::{
     Property, RawProperties, RawPublisher, Verdict, array, deepest_arrays_within,
     deepest_tables_within, headers_room, long_string, nested_arrays, nested_tables, table,
@@ -276,11 +276,9 @@ fn hostile_requests_are_answered_or_refused_and_a_library_server_serves_on() {
 fn hostile_requests_are_answered_or_refused_and_the_server_binary_serves_on() {
     let queue = unique_queue("hostile-binary");
     let _guard = QueueGuard(queue.clone());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
     // One worker: a request that stopped it would leave nobody to answer the good call.
+    let mut command = our_server_with_workers(&queue, 1);
     command
-        .args(["--url", &require_broker(), "--queue", &queue])
-        .args(["--workers", "1"])
         .env("RUST_LOG", "error")
         // Every thread of the server, amiquip's I/O thread among them, on an eighth of the
         // default stack: amiquip parses at most 32 levels. In this debug build that needs
@@ -756,17 +754,8 @@ fn random_requests_through_the_broker_leave_the_server_binary_serving() {
     let seed = Seed::new();
     let queue = unique_queue("random-binary");
     let _guard = QueueGuard(queue.clone());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-    command
-        .args([
-            "--url",
-            &require_broker(),
-            "--queue",
-            &queue,
-            "--workers",
-            "1",
-        ])
-        .env("RUST_LOG", "error");
+    let mut command = our_server_with_workers(&queue, 1);
+    command.env("RUST_LOG", "error");
     let mut server = spawn_until_ready(command, "Awaiting RPC requests");
     let client = client_for(&queue, Duration::from_secs(30));
     send_random_requests(seed.0.wrapping_add(1), &queue, &mut || {

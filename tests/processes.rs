@@ -17,7 +17,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::fib;
-use common::process::{Running, our_client, our_server, send_signal, spawn_until_ready, text};
+use common::process::{
+    Running, our_client, our_server, our_server_with_workers, send_signal, spawn_until_ready, text,
+};
 use common::{
     LONG_N, QueueGuard, client_for, publish_request, ready_messages, unacked_messages,
     unique_queue, wait_until,
@@ -189,10 +191,8 @@ fn a_request_whose_server_is_killed_is_answered_by_another() {
 /// (`x-delivery-count` went from none to 2 when a server of two workers was killed).
 fn start_debug_logging_server(queue: &str, extra: &[&str]) -> (Running, PathBuf) {
     let log_path = std::env::temp_dir().join(format!("{queue}-{}.log", uuid::Uuid::new_v4()));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
+    let mut command = our_server_with_workers(queue, 1);
     command
-        .args(["--url", &common::require_broker(), "--queue", queue])
-        .args(["--workers", "1"])
         .args(extra)
         .env("RUST_LOG", "server=debug,amqp_rpc=info")
         .stderr(std::fs::File::create(&log_path).unwrap());

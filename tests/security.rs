@@ -664,17 +664,19 @@ fn a_service_behind_an_exchange_works_under_least_privilege() {
         &format!("^(amq\\.default|{e})$"),
         "^amq\\.gen-.*$",
     );
-    let server = Server::builder(&server_user.url())
-        .serve(
-            &queue,
-            QueueOptions {
-                bindings: vec![amqp_rpc::Binding::topic(&exchange, "math.#")],
-                ..QueueOptions::with_workers(1)
-            },
-            |request: &Request| fib::serve(request, 1000),
-        )
-        .start()
-        .unwrap();
+    let serve_as = |user: &TestUser| {
+        Server::builder(&user.url())
+            .serve(
+                &queue,
+                QueueOptions {
+                    bindings: vec![amqp_rpc::Binding::topic(&exchange, "math.#")],
+                    ..QueueOptions::with_workers(1)
+                },
+                |request: &Request| fib::serve(request, 1000),
+            )
+            .start()
+    };
+    let server = serve_as(&server_user).unwrap();
     let client = Client::connect(&client_user.url()).unwrap();
     let call = amqp_rpc::Call::new("10").to(amqp_rpc::Destination::exchange(&exchange, "math.fib"));
     assert_eq!(client.send(&call).unwrap().body(), b"55");
@@ -685,17 +687,7 @@ fn a_service_behind_an_exchange_works_under_least_privilege() {
         &format!("^(amq\\.default|{q})$"),
         &format!("^({q}|{e})$"),
     );
-    let error = Server::builder(&denied.url())
-        .serve(
-            &queue,
-            QueueOptions {
-                bindings: vec![amqp_rpc::Binding::topic(&exchange, "math.#")],
-                ..QueueOptions::with_workers(1)
-            },
-            |request: &Request| fib::serve(request, 1000),
-        )
-        .start()
-        .expect_err("not granted");
+    let error = serve_as(&denied).expect_err("not granted");
     assert!(
         matches!(&error, Error::Refused { code: 403, text } if text.contains(&exchange)),
         "{error:?}"

@@ -60,15 +60,15 @@ pub fn our_client(queue: &str, args: &[&str]) -> Output {
 
 /// The `server` binary, set up to serve `queue` with two workers.
 pub fn our_server(queue: &str) -> Command {
+    our_server_with_workers(queue, 2)
+}
+
+/// The `server` binary, set up to serve `queue` with `workers` workers.
+pub fn our_server_with_workers(queue: &str, workers: usize) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-    command.args([
-        "--url",
-        &require_broker(),
-        "--queue",
-        queue,
-        "--workers",
-        "2",
-    ]);
+    command
+        .args(["--url", &require_broker(), "--queue", queue])
+        .args(["--workers", &workers.to_string()]);
     command
 }
 
