@@ -4,9 +4,10 @@
 //! A [`Client`] is cheap to clone and can be used from any number of threads at once: all
 //! clones share one connection, one channel and one reply queue (or direct reply-to), and the
 //! waiting callers take turns reading the replies and handing each to the call that awaits it
-//! (see `session.rs`). A call publishes the request to the server queue with `reply_to` and a fresh
-//! uuid as `correlation_id`, then waits for its own answer; replies that no call awaits (a late
-//! answer to a call that timed out, say) are dropped and logged at debug.
+//! (see `session.rs`). A call publishes the request to its destination (the client's queue
+//! unless [`Call::to`] names another queue, or an exchange and a routing key) with `reply_to`
+//! and a fresh uuid as `correlation_id`, then waits for its own answer; replies that no call
+//! awaits (a late answer to a call that timed out, say) are dropped and logged at debug.
 //!
 //! The request is published `mandatory`, so a request that no queue can take comes back at once
 //! as [`Error::NoRoute`]; it also carries an `expiration` equal to the call's timeout, so the
@@ -80,7 +81,7 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-/// Shows the brokers (without passwords), the server queue and the calls in flight.
+/// Shows the brokers (without passwords), the default queue and the calls in flight.
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
@@ -172,8 +173,8 @@ impl Client {
         self.inner.counters.snapshot()
     }
 
-    /// Sends `request` to the server queue and returns the reply body, waiting at most the
-    /// client's default timeout.
+    /// Sends `request` to the client's queue ([`ClientOptions::queue`]) and returns the reply
+    /// body, waiting at most the client's default timeout.
     ///
     /// # Errors
     ///
@@ -182,8 +183,8 @@ impl Client {
         self.send(&Call::new(request)).map(Reply::into_body)
     }
 
-    /// Sends `request` to the server queue and returns the reply body, waiting at most
-    /// `timeout`.
+    /// Sends `request` to the client's queue ([`ClientOptions::queue`]) and returns the reply
+    /// body, waiting at most `timeout`.
     ///
     /// # Errors
     ///
@@ -193,8 +194,8 @@ impl Client {
             .map(Reply::into_body)
     }
 
-    /// Sends `call` (a body with headers and properties) to the server queue and returns the
-    /// whole reply: body, headers and content type.
+    /// Sends `call` (a body with headers and properties) to its destination ([`Call::to`], or
+    /// the client's queue) and returns the whole reply: body, headers and content type.
     ///
     /// When the connection was lost, this call first connects again; with
     /// [`ClientOptions::retry`], see [`Client::send_many`].
@@ -202,7 +203,13 @@ impl Client {
     /// # Errors
     ///
     /// - [`Error::Timeout`]: no reply within the call's timeout;
-    /// - [`Error::NoRoute`]: no queue is bound to the server queue's name;
+    /// - [`Error::NoRoute`]: no queue by the destination's name, or none bound to its exchange
+    ///   for its routing key;
+    /// - [`Error::NoExchange`]: the destination's exchange does not exist (nothing was sent);
+    /// - [`Error::NoServer`]: no server consumes the destination queue
+    ///   ([`ClientOptions::no_server_grace`]);
+    /// - [`Error::Blocked`]: the broker blocks the connection (a resource alarm);
+    /// - [`Error::Overloaded`]: [`ClientOptions::max_in_flight`] calls are already in flight;
     /// - [`Error::Remote`]: the server replied with an error message;
     /// - [`Error::ConnectionLost`]: the connection died while the call waited;
     /// - the errors of [`Client::with_options`] when reconnecting fails.

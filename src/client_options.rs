@@ -11,8 +11,11 @@ use crate::wire::DEFAULT_QUEUE;
 /// How a [`Client`](crate::Client) connects and calls.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// The queue the server consumes, used as the routing key on the default exchange.
-    /// Default: [`DEFAULT_QUEUE`] (`rpc_queue`).
+    /// Where calls go when they do not name a destination ([`Call::to`]): the queue the
+    /// server consumes, reached through the default exchange. Default: [`DEFAULT_QUEUE`]
+    /// (`rpc_queue`).
+    ///
+    /// [`Call::to`]: crate::Call::to
     pub queue: String,
     /// How long a call waits for its reply before it returns [`Error::Timeout`], unless the
     /// call sets its own ([`Call::with_timeout`]). Default: 10 s.
@@ -35,8 +38,8 @@ pub struct ClientOptions {
     /// that is draining: the call waits for its reply.) A server that restarts within the
     /// grace fails nothing, nor does one that consumes nothing for less than a second when the
     /// grace runs out (replacing a worker whose channel the broker closed, say). The broker is
-    /// asked only for calls still unanswered after the grace, at most once a second per
-    /// client. `Duration::ZERO` turns the check off. Default: 1 s.
+    /// asked only for calls still unanswered after the grace, about each queue on its own and
+    /// at most once a second each. `Duration::ZERO` turns the check off. Default: 1 s.
     ///
     /// [`Error::NoServer`]: crate::Error::NoServer
     pub no_server_grace: Duration,
