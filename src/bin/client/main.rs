@@ -213,7 +213,7 @@ fn run_bench(args: &Args, n: u64, client: &ClientOptions) -> amqp_rpc::Result<()
         threads: args.threads,
         inflight: args.inflight,
         request: n.to_string().into_bytes(),
-        expected_reply: Some(fib::fib(n).to_string().into_bytes()),
+        expected_reply: Some(fib::fib_decimal(n)),
         destinations: destinations(args),
     };
     let started = Instant::now();
