@@ -364,10 +364,10 @@ fn broker_user() -> String {
 }
 
 /// Declares `queue`, and makes a call to it from a client that accepts replies only from
-/// `server_user`; the call waits on its thread.
+/// `server_user`, when given; the call waits on its thread.
 fn call_waiting_for(
     queue: &str,
-    server_user: &TestUser,
+    server_user: Option<&TestUser>,
 ) -> (Client, std::thread::JoinHandle<amqp_rpc::Result<Vec<u8>>>) {
     let mut connection = raw_connection();
     declare_queue(&connection.open_channel(None).unwrap(), queue);
@@ -376,7 +376,7 @@ fn call_waiting_for(
         &require_broker(),
         ClientOptions {
             queue: queue.to_string(),
-            server_user: Some(server_user.name.clone()),
+            server_user: server_user.map(|user| user.name.clone()),
             timeout: Duration::from_secs(20),
             no_server_grace: Duration::ZERO,
             ..ClientOptions::default()
@@ -395,7 +395,7 @@ fn a_client_that_knows_its_servers_user_ignores_a_rogue_and_the_handler_sees_the
     let (server_user, rogue) = (TestUser::new(), TestUser::new());
     let queue = unique_queue("rogue");
     let _guard = QueueGuard(queue.clone());
-    let (client, call) = call_waiting_for(&queue, &server_user);
+    let (client, call) = call_waiting_for(&queue, Some(&server_user));
     forge_one_reply(&rogue.url(), &queue, plain_forgery);
 
     let callers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -432,7 +432,7 @@ fn a_rogue_cannot_pass_for_the_servers_user_behind_a_short_string_that_is_not_ut
     let server_user = TestUser::new();
     let queue = unique_queue("rogue-utf8");
     let _guard = QueueGuard(queue.clone());
-    let (client, call) = call_waiting_for(&queue, &server_user);
+    let (client, call) = call_waiting_for(&queue, Some(&server_user));
     forge_one_reply(&require_broker(), &queue, |_, reply_to, id| {
         forgery_behind_a_short_string_that_is_not_utf8(&server_user.name, reply_to, id);
     });
@@ -576,23 +576,7 @@ fn redelivered_request_under(configure: &str) -> (amqp_rpc::Result<Vec<u8>>, Str
         "^amq\\.default$",
         &format!("^{escaped}$"),
     );
-    let mut connection = raw_connection();
-    declare_queue(&connection.open_channel(None).unwrap(), &queue);
-    connection.close().unwrap();
-    let client = Client::with_options(
-        &require_broker(),
-        ClientOptions {
-            queue: queue.clone(),
-            timeout: Duration::from_secs(20),
-            no_server_grace: Duration::ZERO,
-            ..ClientOptions::default()
-        },
-    )
-    .unwrap();
-    let call = {
-        let client = client.clone();
-        std::thread::spawn(move || client.call(b"10"))
-    };
+    let (client, call) = call_waiting_for(&queue, None);
     let mut server = None;
     let counted_while_running = std::sync::Arc::new(std::sync::Mutex::new(false));
     let seen = std::sync::Arc::clone(&counted_while_running);
