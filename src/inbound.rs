@@ -550,10 +550,9 @@ fn check_table(bytes: &[u8], start: usize, limit: usize) -> Result<CheckedTable,
     let end = content.end;
     let invalid = |why: String| TableProblem::Invalid { why, end };
     let mut reader = Reader::new(&bytes[..end], content.start);
-    // The end of each container open, and whether it is a table (else a list).
-    let mut open: Vec<(usize, bool)> = vec![(end, true)];
+    let mut open = OpenContainers::new(end);
     let mut not_utf8 = Vec::new();
-    while let Some(&(container_end, is_table)) = open.last() {
+    while let Some((container_end, is_table)) = open.last() {
         if reader.at == container_end {
             open.pop();
             continue;
@@ -613,13 +612,48 @@ fn check_table(bytes: &[u8], start: usize, limit: usize) -> Result<CheckedTable,
                     )));
                 }
                 reader.at = content.start;
-                open.push((content.end, kind == ValueKind::Table));
+                open.push(content.end, kind == ValueKind::Table);
                 continue;
             }
         }
         reader.at = inner.at;
     }
     Ok(CheckedTable { end, not_utf8 })
+}
+
+/// The containers [`check_table`] has open, innermost last: where each ends, and whether it is
+/// a table (else a list). On the stack: `check_table` runs for every delivery, on amiquip's I/O
+/// thread, and refuses a table before more than [`MAX_HEADER_DEPTH`] + 1 are open.
+struct OpenContainers {
+    ends: [(usize, bool); MAX_HEADER_DEPTH + 1],
+    len: usize,
+}
+
+impl OpenContainers {
+    /// The outermost table, ending at `end`, open.
+    fn new(end: usize) -> OpenContainers {
+        let mut ends = [(0, false); MAX_HEADER_DEPTH + 1];
+        ends[0] = (end, true);
+        OpenContainers { ends, len: 1 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn last(&self) -> Option<(usize, bool)> {
+        self.len.checked_sub(1).map(|last| self.ends[last])
+    }
+
+    fn pop(&mut self) {
+        self.len -= 1;
+    }
+
+    /// Opens one more; the caller has checked that at most [`MAX_HEADER_DEPTH`] are open.
+    fn push(&mut self, end: usize, is_table: bool) {
+        self.ends[self.len] = (end, is_table);
+        self.len += 1;
+    }
 }
 
 fn container(is_table: bool) -> &'static str {
@@ -685,8 +719,9 @@ fn check_content_header(payload: &[u8]) -> Option<Vec<u8>> {
     let flags = payload.get(CONTENT_HEADER_FIXED..CONTENT_HEADER_FIXED + 2)?;
     let flags = u16::from_be_bytes([flags[0], flags[1]]);
     let mut problems = Vec::new();
-    // The properties that can be handed over, by index, with their bytes.
-    let mut kept: Vec<(usize, Range<usize>)> = Vec::new();
+    // The bytes of each property that can be handed over, by index (on the stack: this runs
+    // for every delivery).
+    let mut kept: [Option<Range<usize>>; PROPERTIES.len()] = [const { None }; PROPERTIES.len()];
     let mut not_utf8 = Vec::new();
     if flags & 1 != 0 {
         // More flag words follow, for properties AMQP 0-9-1 does not have: where any value
@@ -729,7 +764,7 @@ fn check_content_header(payload: &[u8]) -> Option<Vec<u8>> {
                 },
             };
             match read {
-                Some(true) => kept.push((index, start..reader.at)),
+                Some(true) => kept[index] = Some(start..reader.at),
                 Some(false) => {}
                 None => {
                     if kind != PropertyKind::Table {
@@ -754,9 +789,9 @@ fn check_content_header(payload: &[u8]) -> Option<Vec<u8>> {
     Some(replacement(payload, &kept, &problems))
 }
 
-/// A content header with the properties `kept` and, for headers, only [`UNDECODABLE_HEADER`]
-/// saying what `problems` are.
-fn replacement(payload: &[u8], kept: &[(usize, Range<usize>)], problems: &[String]) -> Vec<u8> {
+/// A content header with the properties `kept` (the bytes of each, by index) and, for
+/// headers, only [`UNDECODABLE_HEADER`] saying what `problems` are.
+fn replacement(payload: &[u8], kept: &[Option<Range<usize>>], problems: &[String]) -> Vec<u8> {
     const HEADERS: usize = 2;
     const SHOWN: usize = 3;
     let mut why = problems[..problems.len().min(SHOWN)].join("; ");
@@ -772,11 +807,11 @@ fn replacement(payload: &[u8], kept: &[(usize, Range<usize>)], problems: &[Strin
 
     let mut flags = flag(HEADERS);
     let mut values = Vec::new();
-    for index in 0..PROPERTIES.len() {
+    for (index, kept) in kept.iter().enumerate() {
         if index == HEADERS {
             values.extend((headers.len() as u32).to_be_bytes());
             values.extend_from_slice(&headers);
-        } else if let Some((_, bytes)) = kept.iter().find(|(kept, _)| *kept == index) {
+        } else if let Some(bytes) = kept {
             flags |= flag(index);
             values.extend_from_slice(&payload[bytes.clone()]);
         }
