@@ -103,7 +103,7 @@ impl UrlParams {
                     "query parameter {name} is for amqps:// URLs only (this one is amqp://)"
                 ));
             }
-            let path = || Some(PathBuf::from(value.as_ref()));
+            let path = || PathBuf::from(value.as_ref());
             match &*name {
                 "heartbeat" => {
                     let seconds = u16::try_from(number("a number of seconds")?)
@@ -134,9 +134,9 @@ impl UrlParams {
                     set(&mut params.frame_max, bytes, twice)?;
                 }
                 "auth_mechanism" => mechanisms.push(value.to_ascii_lowercase()),
-                "cacertfile" => set_path(&mut params.ca_file, path(), twice)?,
-                "certfile" => set_path(&mut params.cert_file, path(), twice)?,
-                "keyfile" => set_path(&mut params.key_file, path(), twice)?,
+                "cacertfile" => set(&mut params.ca_file, path(), twice)?,
+                "certfile" => set(&mut params.cert_file, path(), twice)?,
+                "keyfile" => set(&mut params.key_file, path(), twice)?,
                 "verify" => {
                     let peer = match &*value {
                         "verify_peer" => true,
@@ -202,17 +202,6 @@ fn set<T>(
     }
     *slot = Some(value);
     Ok(())
-}
-
-fn set_path(
-    slot: &mut Option<PathBuf>,
-    path: Option<PathBuf>,
-    twice: impl Fn() -> String,
-) -> std::result::Result<(), String> {
-    match path {
-        Some(path) => set(slot, path, twice),
-        None => Ok(()),
-    }
 }
 
 impl BrokerAddress {
