@@ -760,14 +760,17 @@ impl Batch<'_> {
         }
         let mut given_up = Vec::new();
         waiting.retain(|(index, id)| {
-            let served = self.destinations[*index]
+            let unserved = self.destinations[*index]
                 .queue_name()
-                .is_none_or(|queue| !no_server.contains(queue));
-            if served || self.outcomes[*index].is_some() {
+                .filter(|queue| no_server.contains(*queue));
+            let Some(queue) = unserved else {
+                return true;
+            };
+            if self.outcomes[*index].is_some() {
                 return true;
             }
             self.outcomes[*index] = Some(Err(Error::NoServer {
-                queue: self.destinations[*index].routing_key().to_string(),
+                queue: queue.to_string(),
             }));
             given_up.push(id.clone());
             false
